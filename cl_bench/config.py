@@ -1,0 +1,215 @@
+"""Run configuration: one dataclass tree behind the CLI, YAML files and Python keywords.
+
+Precedence, lowest first: dataclass defaults < suite defaults < config file < ``--set``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from cl_bench.errors import CLBenchError
+
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; names map onto transformers.TrainingArguments."""
+
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_steps: int = -1
+    max_length: int = 512
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model's linear layers (PEFT)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR))
+    train_projector: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Batched greedy generation and scoring."""
+
+    batch_size: int = 32
+    max_new_tokens: int = 32
+    limit: int | None = None
+    rule: str = "exact"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written fully resolved to ``config.yaml`` in the run folder."""
+
+    method: str = "finetune"
+    suite: str = "ucit-micro"
+    order: str | None = None
+    model: str | None = None
+    data_root: str | None = None
+    out: str | None = None
+    seed: int = 0
+    quick: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+
+QUICK = {"train.limit": 48, "train.max_steps": 6, "eval.limit": 12, "eval.max_new_tokens": 12}
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "config") -> RunConfig:
+    """A RunConfig from a nested dict; unknown keys are errors naming ``source``."""
+    cfg = RunConfig()
+    for key, value in _flatten(data):
+        set_key(cfg, key, value, source)
+    return cfg
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "method_options":
+            items.extend(_flatten(value, dotted + "."))
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def set_key(cfg: RunConfig, dotted: str, value: Any, source: str = "--set") -> None:
+    """Set ``a.b`` on the config, converting the value to the field's type.
+
+    ``method.X`` (or ``method_options.X``) sets a method option, checked later against the
+    method's own options.
+    """
+    head, _, rest = dotted.partition(".")
+    if head in ("method", "method_options") and rest:
+        cfg.method_options[rest] = yaml.safe_load(value) if isinstance(value, str) else value
+        return
+    if head == "method_options" and isinstance(value, dict):
+        cfg.method_options.update(value)
+        return
+    target: Any = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(target)}
+        if part not in fields:
+            where = ".".join(parts[:i])
+            known = [f"{where}.{f}" if where else f for f in fields]
+            close = difflib.get_close_matches(dotted, known, n=2, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise CLBenchError(f"{source}: unknown config key {dotted!r}.{hint}")
+        if i == len(parts) - 1:
+            hint_type = get_type_hints(type(target))[part]
+            setattr(target, part, convert_value(value, hint_type, dotted, source))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise CLBenchError(f"{source}: {'.'.join(parts[: i + 1])} takes no sub-keys")
+
+
+def convert_value(value: Any, hint: Any, key: str, source: str) -> Any:
+    """``value`` (a string from the command line, or a YAML scalar) as type ``hint``."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip() not in ("", "None", "none") else None
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = type(None) in get_args(hint)
+    base = args[0] if optional and len(args) == 1 else hint
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise CLBenchError(f"{source}: {key} needs a value of type {_type_name(hint)}")
+    try:
+        if get_origin(base) is list:
+            return [str(v) for v in value] if isinstance(value, list) else str(value).split(",")
+        if base is bool:
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if base in (int, float, str):
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return base(value)
+        return value
+    except (TypeError, ValueError):
+        raise CLBenchError(
+            f"{source}: {key}={value!r} is not a valid {_type_name(hint)}"
+        ) from None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def load_yaml(path: Path) -> dict:
+    """A config file's mapping, with the file named on errors."""
+    if not path.is_file():
+        raise CLBenchError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CLBenchError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise CLBenchError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def resolve(
+    config_file: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults_for: Callable[[str], dict[str, Any]] = lambda suite: {},
+    **fields: Any,
+) -> RunConfig:
+    """Build the run config by the documented precedence; keyword fields are top-level keys.
+
+    ``defaults_for(suite_name)`` gives the suite's defaults once the suite is known.
+    """
+    file_items = _flatten(load_yaml(config_file)) if config_file is not None else []
+    suite = RunConfig().suite
+    for key, value in [*file_items, *fields.items()]:
+        if key == "suite" and value is not None:
+            suite = str(value)
+    cfg = RunConfig()
+    for key, value in defaults_for(suite).items():
+        set_key(cfg, key, value, f"suite {suite} defaults")
+    for key, value in file_items:
+        set_key(cfg, key, value, str(config_file))
+    for key, value in fields.items():
+        if value is not None:
+            set_key(cfg, key, value, "arguments")
+    if cfg.quick:
+        for key, value in QUICK.items():
+            set_key(cfg, key, value, "--quick")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLBenchError(f"--set {item!r}: expected key=value")
+        set_key(cfg, key.strip(), value, "--set")
+    return cfg

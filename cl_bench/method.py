@@ -1,0 +1,137 @@
+"""The method plugin interface: a small set of hooks into the one sequential runner.
+
+The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
+``training_samples`` with ``extra_losses`` added to the LLaVA loss -> ``after_stage``
+(consolidation) -> evaluation of every task on ``eval_model`` -> ``save``. A method sees only
+the current stage's tasks, never the future ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, get_type_hints
+
+import torch
+
+from cl_bench.config import RunConfig, convert_value
+from cl_bench.errors import CLBenchError
+from cl_bench.models import ModelBundle, add_lora, load_llava, merge_lora
+from tasks.loaders import Sample, load_samples
+from tasks.suite import Suite, TaskSpec
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its 1-based index and the tasks it trains on."""
+
+    index: int
+    tasks: tuple[TaskSpec, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(t.name for t in self.tasks)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use: the config, the suite's data and the starting model."""
+
+    config: RunConfig
+    suite: Suite
+    data_root: Path
+    bundle: ModelBundle
+    run_dir: Path
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def train_samples(self, task: TaskSpec) -> list[Sample]:
+        if task.name not in self._cache:
+            files = self.suite.task_files(task, self.data_root)
+            self._cache[task.name] = load_samples(files.train, files.image_root)
+        return self._cache[task.name]
+
+    def suite_file(self, relative: str | None, what: str) -> Path:
+        """A file of the suite under the data root (inquiries, probes)."""
+        if relative is None:
+            raise CLBenchError(f"suite {self.suite.name} defines no {what} file")
+        return self.data_root / relative
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+class Method:
+    """Base class; defaults implement sequential LoRA fine-tuning merged after each stage."""
+
+    Options: ClassVar[type] = NoOptions
+    uses_lora: ClassVar[bool] = True
+
+    def __init__(self, options: Any, context: MethodContext) -> None:
+        self.options = options
+        self.context = context
+
+    # -- plan ------------------------------------------------------------------------------
+    def plan(self, tasks: list[TaskSpec]) -> list[Stage]:
+        """The training stages: one per task, in order."""
+        return [Stage(i + 1, (task,)) for i, task in enumerate(tasks)]
+
+    # -- hooks -----------------------------------------------------------------------------
+    def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
+        """Prepare the model to train: a fresh LoRA on the language model."""
+        return add_lora(model, self.context.config.lora) if self.uses_lora else model
+
+    def training_samples(self, stage: Stage) -> list[Sample]:
+        return [s for task in stage.tasks for s in self.context.train_samples(task)]
+
+    def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict:
+        """Terms added to the LLaVA loss at every training step, by name."""
+        return {}
+
+    def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
+        """Consolidate after training: merge the LoRA into the weights."""
+        return merge_lora(model)
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as the method assembles it for evaluation."""
+        return model
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self, model: torch.nn.Module, folder: Path) -> None:
+        """Everything needed to resume after this stage."""
+        model.save_pretrained(folder / "model")
+        self.context.bundle.processor.save_pretrained(folder / "model")
+        (folder / "method_state.json").write_text(json.dumps(self.state()))
+
+    def load(self, folder: Path) -> torch.nn.Module:
+        state = folder / "method_state.json"
+        self.load_state(json.loads(state.read_text()) if state.exists() else {})
+        return load_llava(folder / "model").model
+
+    def state(self) -> dict:
+        """Method state (JSON) beyond the model weights."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``state`` returned."""
+
+
+def parse_options(method: type[Method], given: dict[str, Any]) -> Any:
+    """The method's Options dataclass from ``method.X`` config keys; unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(method.Options)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        known = ", ".join(sorted(names)) or "none"
+        raise CLBenchError(f"unknown option(s) method.{unknown[0]} for this method; known: {known}")
+    hints = _hints(method.Options)
+    values = {k: convert_value(v, hints[k], f"method.{k}", "method options") for k, v in given.items()}
+    return method.Options(**values)
+
+
+@cache
+def _hints(options: type) -> dict:
+    return get_type_hints(options)

@@ -1,0 +1,263 @@
+"""The one sequential runner: evaluate the start, then train, consolidate and evaluate per stage.
+
+The run folder is the contract with reports and resume:
+``config.yaml``, ``matrix.csv``, ``records.jsonl`` (one line per completed stage),
+``summary.json``, ``predictions/stage_<t>/<task>.jsonl``, ``report.md`` and
+``checkpoints/stage_<t>/`` (the latest completed stage only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cl_bench.config import RunConfig, from_dict, to_dict
+from cl_bench.errors import CLBenchError
+from cl_bench.evaluation import TaskResult, evaluate_task
+from cl_bench.method import Method, MethodContext, Stage, parse_options
+from cl_bench.metrics import summarize
+from cl_bench.models import load_llava
+from cl_bench.registry import call_target, get_method, get_suite
+from cl_bench.training import train_model
+from tasks.loaders import Sample, load_samples
+from tasks.suite import Suite, TaskSpec
+
+
+def log(message: str) -> None:
+    print(f"[clbench] {message}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """Where generated data and built models are cached (``CLBENCH_CACHE``)."""
+    return Path(os.environ.get("CLBENCH_CACHE", Path.home() / ".cache" / "cl_bench"))
+
+
+def resolve_data_root(suite: Suite, cfg: RunConfig) -> Path:
+    """The data root: config, then ``CLBENCH_DATA_ROOT``, then the suite's own generator."""
+    given = cfg.data_root or os.environ.get("CLBENCH_DATA_ROOT")
+    if given:
+        root = Path(given).expanduser()
+        if not root.is_dir():
+            raise CLBenchError(f"data root {root} is not a folder (layout: {suite.layout_hint()})")
+        return root
+    if suite.generator:
+        return Path(call_target(suite.generator, cache_dir()))
+    raise CLBenchError(
+        f"suite {suite.name} reads your data: give --data-root PATH (or CLBENCH_DATA_ROOT). "
+        f"Layout: {suite.layout_hint()}. Data: {suite.data_source}"
+    )
+
+
+def resolve_model(suite: Suite, cfg: RunConfig) -> Path:
+    if cfg.model:
+        return Path(cfg.model).expanduser()
+    if suite.default_model:
+        return Path(call_target(suite.default_model, cache_dir()))
+    raise CLBenchError(f"suite {suite.name} needs --model PATH (a local LLaVA folder)")
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunFolder:
+    """Reads and writes the files of one run."""
+
+    path: Path
+
+    def records(self) -> list[dict]:
+        file = self.path / "records.jsonl"
+        if not file.exists():
+            return []
+        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+    def append_record(self, record: dict) -> None:
+        with open(self.path / "records.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_config(self, cfg: RunConfig) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def read_config(self) -> RunConfig:
+        return from_dict(yaml.safe_load((self.path / "config.yaml").read_text()), "config.yaml")
+
+    def write_predictions(self, stage: int, result: TaskResult, samples: list[Sample]) -> None:
+        folder = self.path / "predictions" / f"stage_{stage}"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{result.task}.jsonl", "w") as f:
+            for s in samples:
+                row = {
+                    "question_id": s.id,
+                    "question": s.question,
+                    "prediction": result.predictions[s.id],
+                    "references": list(s.references),
+                    "score": result.score.per_sample.get(s.id),
+                }
+                f.write(json.dumps(row) + "\n")
+
+    def write_matrix(self, tasks: list[str]) -> list[list[float]]:
+        rows = self.records()
+        lines = [",".join(["stage", "trained_on", *tasks])]
+        for r in rows:
+            scores = [f"{r['scores'][t]:.2f}" for t in tasks]
+            lines.append(",".join([str(r["stage"]), "+".join(r["trained_on"]) or "-", *scores]))
+        (self.path / "matrix.csv").write_text("\n".join(lines) + "\n")
+        return [[r["scores"][t] for t in tasks] for r in rows]
+
+    def checkpoint(self, stage: int) -> Path:
+        return self.path / "checkpoints" / f"stage_{stage}"
+
+
+def prepare_folder(cfg: RunConfig, resume: bool) -> RunFolder:
+    """Create the run folder, or reopen it to resume; never overwrite a finished run."""
+    path = Path(cfg.out or f"runs/{cfg.suite}-{cfg.method}-seed{cfg.seed}").expanduser()
+    folder = RunFolder(path)
+    if resume:
+        if not (path / "config.yaml").exists():
+            raise CLBenchError(f"--resume: {path} holds no run (no config.yaml)")
+        return folder
+    if (path / "records.jsonl").exists():
+        raise CLBenchError(
+            f"run folder {path} already holds a run: use --resume to continue it, "
+            "or --out for a new folder"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    folder.write_config(cfg)
+    return folder
+
+
+def load_test_sets(suite: Suite, tasks: list[TaskSpec], root: Path, cfg: RunConfig) -> dict:
+    """Every task's test samples (limited, a fixed subset per seed), checked up front."""
+    sets = {}
+    for task in tasks:
+        files = suite.task_files(task, root)
+        samples = load_samples(files.test, files.image_root)
+        if cfg.eval.limit is not None and len(samples) > cfg.eval.limit:
+            samples = random.Random(cfg.seed).sample(samples, cfg.eval.limit)
+        sets[task.name] = samples
+    return sets
+
+
+def evaluate_all(
+    model, ctx: MethodContext, tasks: list[TaskSpec], test_sets: dict, stage: int, folder: RunFolder
+) -> dict[str, TaskResult]:
+    cfg = ctx.config
+    results = {}
+    for task in tasks:
+        result = evaluate_task(
+            model, ctx.bundle, task.name, task.answer_type, test_sets[task.name],
+            cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.rule,
+        )
+        folder.write_predictions(stage, result, test_sets[task.name])
+        results[task.name] = result
+        log(f"stage {stage}: {task.name} = {result.score.score:.2f}")
+    return results
+
+
+def stage_record(stage: Stage | None, results: dict[str, TaskResult], extra: dict) -> dict:
+    return {
+        "stage": stage.index if stage else 0,
+        "trained_on": [t.name for t in stage.tasks] if stage else [],
+        "scores": {name: r.score.score for name, r in results.items()},
+        "details": {name: r.score.details for name, r in results.items() if r.score.details},
+        **extra,
+    }
+
+
+def run(cfg: RunConfig, resume: bool = False) -> Path:
+    """Run (or resume) a whole protocol; returns the run folder."""
+    started = time.time()
+    folder = prepare_folder(cfg, resume)
+    if resume:
+        cfg = folder.read_config()
+    suite = get_suite(cfg.suite)
+    method_cls: type[Method] = get_method(cfg.method)
+    options = parse_options(method_cls, cfg.method_options)
+    tasks = suite.resolve_order(cfg.order)
+    data_root = resolve_data_root(suite, cfg)
+    test_sets = load_test_sets(suite, tasks, data_root, cfg)
+    bundle = load_llava(resolve_model(suite, cfg))
+    ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
+    method = method_cls(options, ctx)
+    stages = method.plan(tasks)
+    for stage in stages:
+        for task in stage.tasks:
+            ctx.train_samples(task)
+    names = [t.name for t in tasks]
+    done = len(folder.records())
+    if done == 0:
+        log(f"{cfg.method} on {cfg.suite}: evaluating the starting model on {len(tasks)} tasks")
+        set_seed(cfg.seed)
+        results = evaluate_all(bundle.model, ctx, tasks, test_sets, 0, folder)
+        folder.append_record(stage_record(None, results, {}))
+        model = bundle.model
+    else:
+        log(f"resuming {folder.path} after stage {done - 1}")
+        model = method.load(folder.checkpoint(done - 1)) if done > 1 else bundle.model
+    for stage in stages[done - 1 if done else 0 :]:
+        model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder)
+        folder.write_matrix(names)
+    matrix = folder.write_matrix(names)
+    write_summary(folder, cfg, names, matrix, time.time() - started)
+    return folder.path
+
+
+def run_stage(
+    method: Method, model, stage: Stage, total: int, tasks: list[TaskSpec], test_sets: dict,
+    folder: RunFolder,
+):
+    """Train, consolidate, evaluate and checkpoint one stage."""
+    ctx = method.context
+    log(f"stage {stage.index}/{total}: training on {stage.name}")
+    set_seed(ctx.config.seed + stage.index)
+    t0 = time.time()
+    model = method.before_stage(model, stage)
+    train_info = train_model(
+        model, ctx.bundle, method.training_samples(stage), ctx.config.train,
+        folder.path / "trainer", ctx.config.seed + stage.index, method.extra_losses,
+    )
+    model = method.after_stage(model, stage)
+    t1 = time.time()
+    results = evaluate_all(method.eval_model(model), ctx, tasks, test_sets, stage.index, folder)
+    seconds = {"train": round(t1 - t0, 2), "eval": round(time.time() - t1, 2)}
+    checkpoint = folder.checkpoint(stage.index)
+    method.save(model, checkpoint)
+    folder.append_record(stage_record(stage, results, {"train": train_info, "seconds": seconds}))
+    previous = folder.checkpoint(stage.index - 1)
+    if previous.exists():
+        shutil.rmtree(previous)
+    return model
+
+
+def write_summary(
+    folder: RunFolder, cfg: RunConfig, tasks: list[str], matrix: list[list[float]], wall: float
+) -> None:
+    from reports.markdown import write_report
+
+    summary = {
+        "method": cfg.method,
+        "suite": cfg.suite,
+        "order": tasks,
+        "seed": cfg.seed,
+        "quick": cfg.quick,
+        **summarize(matrix),
+        "final": dict(zip(tasks, matrix[-1], strict=True)),
+        "wall_seconds_last_session": round(wall, 1),
+    }
+    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(folder.path)
+    log(f"done: {folder.path} (Avg {summary.get('Avg')}, Last {summary['Last']:.2f})")

@@ -1,0 +1,1 @@
+"""Tables, leaderboards and plots built from run folders."""

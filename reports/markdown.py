@@ -1,0 +1,56 @@
+"""``report.md``: a human-readable page built from a run folder alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from reports.run_folder import read_matrix, read_records, read_summary
+
+METRICS = ("Avg", "Last", "MFT", "MAA", "BWT", "FWT", "Forgetting")
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def matrix_section(run_dir: Path) -> str:
+    matrix = read_matrix(run_dir)
+    records = {r["stage"]: r for r in read_records(run_dir)}
+    header = ["stage", "trained on", *matrix.columns]
+    rows = [
+        [str(stage), "+".join(records[stage]["trained_on"]) or "(start)", *map(fmt, values)]
+        for stage, values in zip(matrix.index, matrix.to_numpy().tolist(), strict=True)
+    ]
+    return "## Accuracy matrix (score after each stage)\n\n" + markdown_table(header, rows)
+
+
+def timing_section(run_dir: Path) -> str:
+    rows = [
+        [str(r["stage"]), fmt(r["seconds"]["train"]), fmt(r["seconds"]["eval"]),
+         fmt(r["train"].get("train_loss"))]
+        for r in read_records(run_dir)
+        if "seconds" in r
+    ]
+    if not rows:
+        return ""
+    return "## Stages\n\n" + markdown_table(["stage", "train s", "eval s", "train loss"], rows)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` from the run folder's files."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    title = f"# {summary['method']} on {summary['suite']} (seed {summary['seed']})"
+    if summary.get("quick"):
+        title += " -- quick run"
+    headline = markdown_table(list(METRICS), [[fmt(summary.get(m)) for m in METRICS]])
+    parts = [title, headline, matrix_section(run_dir), timing_section(run_dir)]
+    path = run_dir / "report.md"
+    path.write_text("\n\n".join(p for p in parts if p) + "\n")
+    return path

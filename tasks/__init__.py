@@ -1,0 +1,1 @@
+"""Suites, tasks, loaders, scorers and the micro world."""

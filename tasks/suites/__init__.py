@@ -1,0 +1,3 @@
+"""Suite definitions; importing this package registers every suite."""
+
+from tasks.suites import ucit  # noqa: F401
