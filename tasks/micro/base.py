@@ -114,7 +114,7 @@ def build_base(data: Path, out: Path, build: BaseBuildConfig) -> None:
     image_processor(build.tiny).save_pretrained(clip_dir)
 
     llava = build_llava(build.tiny, tokenizer)
-    llava.model.vision_tower.vision_model.load_state_dict(clip.vision_model.state_dict())
+    llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     processor = llava_processor(build.tiny, tokenizer)
     bundle = ModelBundle(llava, processor, out / "llava")
     _log(f"training the tiny LLaVA on {len(general)} general-mix samples")
@@ -128,11 +128,11 @@ def build_base(data: Path, out: Path, build: BaseBuildConfig) -> None:
 
 
 def train_clip(clip, tokenizer, samples: list, build: BaseBuildConfig) -> None:
-    """Contrastive image-text training on (image, full-sentence answer) pairs."""
+    """Contrastive image-text training on (image, caption) pairs (the answer if no caption)."""
     rng = random.Random(build.seed)
     processor = image_processor(build.tiny)
     pixels = processor([load_image(s.image) for s in samples], return_tensors="pt")["pixel_values"]
-    texts = [s.answer + tokenizer.eos_token for s in samples]
+    texts = [s.extra.get("caption", s.answer) + tokenizer.eos_token for s in samples]
     optimizer = torch.optim.AdamW(clip.parameters(), lr=build.clip_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, build.clip_lr, total_steps=build.clip_steps, pct_start=0.05

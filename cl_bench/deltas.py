@@ -1,0 +1,125 @@
+"""A stage's raw weight update (LoRA factors and full deltas), stored and re-applied.
+
+A stage trains a LoRA on the language model plus, optionally, full parameters (the projector).
+Its update is kept as LoRA factors where it was a LoRA, so that consolidation and later alpha
+sweeps never need the M x N product before the final merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cl_bench.errors import CLBenchError
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """delta W = scaling * B @ A, with B: out x q and A: q x in."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scaling: float
+
+    def product(self) -> torch.Tensor:
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class StageDelta:
+    """The update of one stage: LoRA factors by module name, full deltas by parameter name."""
+
+    lora: dict[str, LoraFactors] = field(default_factory=dict)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        tensors, meta = {}, {}
+        for name, f in self.lora.items():
+            tensors[f"lora::{name}::A"], tensors[f"lora::{name}::B"] = f.A, f.B
+            meta[name] = repr(f.scaling)
+        tensors |= {f"full::{name}": t for name, t in self.full.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> StageDelta:
+        if not path.exists():
+            raise CLBenchError(f"no stored delta at {path}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        delta = cls()
+        for key, tensor in tensors.items():
+            kind, name, *part = key.split("::")
+            if kind == "full":
+                delta.full[name] = tensor
+            elif part == ["A"]:
+                delta.lora[name] = LoraFactors(tensors[f"lora::{name}::B"], tensor, float(meta[name]))
+        return delta
+
+
+def strip_prefix(name: str) -> str:
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def snapshot_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters that are not LoRA factors (e.g. the projector)."""
+    return {
+        strip_prefix(name): p.detach().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in name
+    }
+
+
+def stage_delta(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> StageDelta:
+    """The update of a PEFT model trained from ``before`` (active adapter's factors)."""
+    delta = StageDelta()
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and module.active_adapters:
+            adapter = module.active_adapters[0]
+            if adapter in module.lora_A:
+                delta.lora[strip_prefix(name)] = LoraFactors(
+                    module.lora_B[adapter].weight.detach().clone(),
+                    module.lora_A[adapter].weight.detach().clone(),
+                    float(module.scaling[adapter]),
+                )
+    params = {strip_prefix(n): p for n, p in model.named_parameters()}
+    delta.full = {name: params[name].detach() - old for name, old in before.items()}
+    return delta
+
+
+Consolidate = Callable[[LoraFactors | torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def apply_delta(
+    model: torch.nn.Module,
+    delta: StageDelta,
+    consolidate: Consolidate,
+    base: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Add each consolidated update to a plain model's weights.
+
+    Full parameters are set to ``base[name] + consolidate(delta)`` when ``base`` is given (the
+    model still holds the trained values), else the update is added in place.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    for name, factors in delta.lora.items():
+        if name not in modules:
+            raise CLBenchError(f"stored delta names module {name!r}, absent from the model")
+        weight = modules[name].weight
+        weight += consolidate(factors).to(weight.dtype)
+    for name, update in delta.full.items():
+        if name not in params:
+            raise CLBenchError(f"stored delta names parameter {name!r}, absent from the model")
+        start = base[name] if base is not None else params[name].detach().clone()
+        params[name].copy_(start + consolidate(update).to(start.dtype))

@@ -1,0 +1,1 @@
+"""The micro world: a tiny LLaVA and procedurally generated tasks, trained on CPU in minutes."""

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny LLaVA folder and a tiny UCIT-layout data folder, built on the spot."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from tasks.micro.model import TinyConfig, build_llava, llava_processor, save_llava, train_tokenizer
+from tasks.suites.ucit import UCIT_TASKS
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+TINY = TinyConfig(
+    vision_hidden=32, vision_layers=1, projection_dim=32, text_hidden=64, text_layers=2,
+    heads=2, intermediate=128, vocab_size=400,
+)
+
+
+def fixture_answer(task, colour: str, i: int) -> tuple[str, str]:
+    """A question and answer of the task's type about a square of ``colour``."""
+    if task.answer_type == "option":
+        options = "\n".join(f"{chr(65 + k)}. {c}" for k, c in enumerate(COLOURS))
+        letter = chr(65 + list(COLOURS).index(colour))
+        return f"What colour is the square?\n{options}\n{task.instruction}", letter
+    if task.answer_type == "caption":
+        return task.instruction, f"a {colour} square"
+    return f"What colour is the square?\n{task.instruction}", colour
+
+
+def write_ucit_fixture(root: Path, n_train: int = 8, n_test: int = 4) -> Path:
+    """A folder in UCIT's real layout: UCIT/<Task>/{train,test}.json, images in UCIT/datasets."""
+    rng = random.Random(0)
+    for task in UCIT_TASKS:
+        folder = root / "UCIT" / task.folders[0]
+        images = root / "UCIT" / "datasets" / task.folders[0]
+        images.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            records = []
+            for i in range(n):
+                colour = rng.choice(list(COLOURS))
+                img = Image.new("RGB", (32, 32))
+                ImageDraw.Draw(img).rectangle([8, 8, 24, 24], fill=COLOURS[colour])
+                rel = f"{task.folders[0]}/{split}_{i}.png"
+                img.save(root / "UCIT" / "datasets" / rel)
+                question, answer = fixture_answer(task, colour, i)
+                if split == "train":
+                    records.append({"id": f"{split}{i}", "image": rel, "conversations": [
+                        {"from": "human", "value": f"<image>\n{question}"},
+                        {"from": "gpt", "value": answer}]})
+                else:
+                    records.append({"question_id": f"{split}{i}", "image": rel,
+                                    "text": question, "answer": answer})
+            (folder / f"{split}.json").write_text(json.dumps(records, indent=1))
+    return root
+
+
+def fixture_corpus() -> list[str]:
+    texts = ["USER: ASSISTANT:"]
+    for task in UCIT_TASKS:
+        for colour in COLOURS:
+            texts += list(fixture_answer(task, colour, 0))
+    return texts * 20
+
+
+def write_tiny_llava(folder: Path) -> Path:
+    tokenizer = train_tokenizer(fixture_corpus(), TINY.vocab_size)
+    return save_llava(build_llava(TINY, tokenizer), llava_processor(TINY, tokenizer), folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def ucit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ucit_fixture(tmp_path_factory.mktemp("ucit"))

@@ -1,0 +1,211 @@
+"""The micro world's procedural data: determinism, layout, formats, balance, benchmarks."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.loaders import load_samples
+from tasks.micro.tasks import MICRO_TASKS, generate
+from tasks.micro.world import OBJECTS, MicroWorldConfig
+from tasks.micro.write import generate_micro_world
+from tasks.suites.ucit import UCIT_TASKS
+
+TINY = MicroWorldConfig(n_train=20, n_test=10, n_general=40, n_inquiry=10, n_probe=8, n_bench=24)
+TASK_NAMES = [t.name for t in UCIT_TASKS]
+BENCH_FILES = ("mme", "pope_random", "pope_popular", "pope_adversarial", "open")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_micro_world(tmp_path_factory.mktemp("micro"), TINY)
+
+
+def load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_generation_is_deterministic(world: Path, tmp_path: Path) -> None:
+    again = generate_micro_world(tmp_path, TINY)
+    assert again.name == world.name == TINY.fingerprint()
+    assert files_of(again) == files_of(world)
+
+
+def test_existing_folder_is_returned_and_no_staging_is_left(world: Path) -> None:
+    stamp = (world / "manifest.json").stat().st_mtime_ns
+    assert generate_micro_world(world.parent, TINY) == world
+    assert (world / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in world.parent.iterdir()] == [world.name]
+
+
+def test_fingerprint_is_stable_and_follows_the_config() -> None:
+    assert TINY.fingerprint() == MicroWorldConfig(**vars(TINY)).fingerprint()
+    assert TINY.fingerprint() != MicroWorldConfig(seed=1, **{
+        k: v for k, v in vars(TINY).items() if k != "seed"}).fingerprint()
+
+
+def test_layout_and_counts(world: Path) -> None:
+    manifest = load(world / "manifest.json")
+    assert manifest["fingerprint"] == world.name
+    assert manifest["config"] == vars(TINY)
+    expected = [f"UCIT/{t}/{s}.json" for t in TASK_NAMES for s in ("train", "test")]
+    expected += ["general/train.json", "general/inquiries.json", "general/probes.json"]
+    expected += [f"general/bench/{b}.json" for b in BENCH_FILES]
+    assert list(manifest["counts"]) == expected
+    for rel, count in manifest["counts"].items():
+        assert len(load(world / rel)) == count, rel
+    for task in TASK_NAMES:
+        assert manifest["counts"][f"UCIT/{task}/train.json"] == TINY.n_train
+        assert manifest["counts"][f"UCIT/{task}/test.json"] == TINY.n_test
+    assert manifest["counts"]["general/train.json"] == TINY.n_general
+    assert manifest["counts"]["general/inquiries.json"] == TINY.n_inquiry
+    assert manifest["counts"]["general/probes.json"] == TINY.n_probe
+    for bench in BENCH_FILES:
+        assert manifest["counts"][f"general/bench/{bench}.json"] == TINY.n_bench
+
+
+def image_roots(world: Path) -> dict[str, Path]:
+    roots = {f"UCIT/{t}/{s}.json": world / "UCIT" / "datasets"
+             for t in TASK_NAMES for s in ("train", "test")}
+    roots |= {rel: world / "general" for rel in load(world / "manifest.json")["counts"]
+              if rel.startswith("general/")}
+    return roots
+
+
+def test_every_image_exists_and_is_32px_rgb(world: Path) -> None:
+    referenced = set()
+    for rel, root in image_roots(world).items():
+        for rec in load(world / rel):
+            if "image" in rec:
+                referenced.add(root / rec["image"])
+    for path in referenced:
+        with Image.open(path) as img:
+            assert (img.size, img.mode) == ((32, 32), "RGB"), path
+    assert referenced == set(world.rglob("*.png"))
+    assert len(referenced) == load(world / "manifest.json")["images"]
+
+
+def test_the_real_loaders_read_every_file(world: Path) -> None:
+    for rel, root in image_roots(world).items():
+        if rel.endswith(("inquiries.json", "probes.json")):
+            continue
+        samples = load_samples(world / rel, root)
+        assert samples and all(s.question for s in samples), rel
+
+
+def test_ucit_instructions_and_formats(world: Path) -> None:
+    for spec in UCIT_TASKS:
+        for rec in load(world / "UCIT" / spec.name / "train.json"):
+            human, gpt = rec["conversations"]
+            assert (human["from"], gpt["from"]) == ("human", "gpt")
+            assert human["value"].startswith("<image>\n")
+            assert human["value"].endswith(spec.instruction)
+            assert rec["image"].startswith(f"{spec.name}/train/")
+            assert gpt["value"]
+        for rec in load(world / "UCIT" / spec.name / "test.json"):
+            assert set(rec) >= {"question_id", "image", "text", "answer"}
+            assert "<image>" not in rec["text"] and rec["text"].endswith(spec.instruction)
+            if spec.answer_type == "caption":
+                assert rec["references"][0] == rec["answer"] and len(rec["references"]) == 3
+            if spec.answer_type == "option" and spec.name != "IconQA":
+                assert rec["answer"] in "ABCD" and "\nD. " in rec["text"]
+
+
+def test_iconqa_test_uses_index_options_and_train_letters(world: Path) -> None:
+    test = load(world / "UCIT" / "IconQA" / "test.json")
+    assert all(r["answer"] in "0123" and "\n0. " in r["text"] and "\nA. " not in r["text"]
+               for r in test)
+    train = load(world / "UCIT" / "IconQA" / "train.json")
+    assert all(r["conversations"][1]["value"] in "ABCD" for r in train)
+
+
+def test_general_mix_has_no_task_format(world: Path) -> None:
+    instructions = {t.instruction for t in UCIT_TASKS}
+    records = load(world / "general" / "train.json")
+    assert any("image" not in r for r in records) and any("image" in r for r in records)
+    for r in records:
+        human, gpt = (c["value"] for c in r["conversations"])
+        assert not any(i in human for i in instructions)
+        assert ("<image>" in human) == ("image" in r) == ("caption" in r)
+        assert gpt.endswith(".") and gpt[0].isupper()  # a full sentence
+    for name in ("inquiries", "probes"):
+        for r in load(world / "general" / f"{name}.json"):
+            assert set(r) <= {"id", "text", "image", "category"} and "answer" not in r
+            assert not any(i in r["text"] for i in instructions)
+    assert all("image" not in r for r in load(world / "general" / "inquiries.json"))
+
+
+@pytest.mark.parametrize("name", ["ArxivQA", "IconQA"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_option_answers_are_balanced(name: str, split: str) -> None:
+    task = next(t for t in MICRO_TASKS if t.name == name)
+    answers = Counter(ex.answer for ex in generate(task, 3, split, 400, 32))
+    assert len(answers) == 4 and set(answers.values()) == {100}
+
+
+def test_word_answers_are_balanced() -> None:
+    imagenet, clevr = MICRO_TASKS[0], MICRO_TASKS[4]
+    classes = Counter(ex.answer for ex in generate(imagenet, 0, "train", 320, 32))
+    assert set(classes) == set(OBJECTS) and set(classes.values()) == {40}
+    numbers = Counter(ex.answer for ex in generate(clevr, 0, "train", 240, 32))
+    assert set(numbers) == {"one", "two", "three", "four"} and set(numbers.values()) == {60}
+
+
+def test_task_order_matches_ucit() -> None:
+    assert [t.name for t in MICRO_TASKS] == TASK_NAMES
+    assert [t.answer_type for t in MICRO_TASKS] == [t.answer_type for t in UCIT_TASKS]
+
+
+def test_pope_splits_are_balanced_and_share_images_and_positives(world: Path) -> None:
+    splits = {s: load(world / "general" / "bench" / f"pope_{s}.json")
+              for s in ("random", "popular", "adversarial")}
+    positives = []
+    for split, recs in splits.items():
+        assert all(r["category"] == split for r in recs)
+        assert Counter(r["answer"] for r in recs) == {"yes": len(recs) // 2, "no": len(recs) // 2}
+        per_image = defaultdict(list)
+        for r in recs:
+            per_image[r["image"]].append(r["answer"])
+        assert all(Counter(a) == {"yes": 3, "no": 3} for a in per_image.values())
+        positives.append([(r["image"], r["text"]) for r in recs if r["answer"] == "yes"])
+    assert positives[0] == positives[1] == positives[2]
+    negatives = [[r["text"] for r in recs if r["answer"] == "no"] for recs in splits.values()]
+    assert negatives[0] != negatives[1] != negatives[2]
+
+
+def test_mme_pairs_have_one_yes_and_one_no(world: Path) -> None:
+    pairs = defaultdict(list)
+    for r in load(world / "general" / "bench" / "mme.json"):
+        assert r["text"].endswith("Please answer yes or no.")
+        pairs[r["pair_id"]].append(r)
+    assert len(pairs) == TINY.n_bench // 2
+    for recs in pairs.values():
+        assert sorted(r["answer"] for r in recs) == ["No", "Yes"]
+        assert len({r["image"] for r in recs}) == 1
+
+
+def test_benchmark_images_are_held_out(world: Path) -> None:
+    general = {(world / "general" / r["image"]).read_bytes()
+               for r in load(world / "general" / "train.json") if "image" in r}
+    for bench in BENCH_FILES:
+        for r in load(world / "general" / "bench" / f"{bench}.json"):
+            if "image" in r:
+                assert (world / "general" / r["image"]).read_bytes() not in general
+
+
+def test_image_size_is_configurable(tmp_path: Path) -> None:
+    config = MicroWorldConfig(image_size=48, n_train=2, n_test=2, n_general=6, n_inquiry=2,
+                              n_probe=2, n_bench=6)
+    folder = generate_micro_world(tmp_path, config)
+    for png in folder.rglob("*.png"):
+        with Image.open(png) as img:
+            assert img.size == (48, 48)
