@@ -341,10 +341,11 @@ def caption_metrics(predictions: dict[str, str], references: References) -> dict
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     ids = sorted(references)
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({q: [{"caption": c} for c in references[q]] for q in ids})
-    res = tokenizer.tokenize({q: [{"caption": predictions[q]}] for q in ids})
-    res = {q: res.get(q, [""]) for q in ids}
+    captions = {("gt", q): [{"caption": c} for c in references[q]] for q in ids}
+    captions |= {("pred", q): [{"caption": predictions[q]}] for q in ids}
+    tokens = PTBTokenizer().tokenize(captions)  # one Java start for both sides
+    gts = {q: tokens[("gt", q)] for q in ids}
+    res = {q: tokens.get(("pred", q), [""]) for q in ids}
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length ratio
         bleu, _ = Bleu(4).compute_score(gts, res)
     values = [*bleu]

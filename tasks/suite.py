@@ -11,7 +11,13 @@ from cl_bench.registry import unknown_name_error
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task of a suite: its files (candidate names, first found wins), prompt and metric."""
+    """One task of a suite: its files (candidate names, first found wins), prompt and metric.
+
+    ``reference_files`` name an optional annotation file with several references per question
+    (COCO captions such as ``val_coco_type_3000.json``, or VQA/TextVQA answers), looked for in
+    the task folder, then under the image root; without one, a test record's own answer is its
+    only reference.
+    """
 
     name: str
     letter: str
@@ -23,6 +29,7 @@ class TaskSpec:
     rule: str = "exact"
     expected_train: int | None = None
     expected_test: int | None = None
+    reference_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,19 @@ class TaskFiles:
 
     train: Path
     test: Path
+    image_root: Path
+    references: Path | None = None
+
+
+@dataclass(frozen=True)
+class TaskLocation:
+    """Where a task's files were looked for, and what was found there (None: nothing)."""
+
+    folder_candidates: tuple[Path, ...]
+    folder: Path | None
+    train: Path | None
+    test: Path | None
+    references: Path | None
     image_root: Path
 
 
@@ -42,8 +62,10 @@ class Suite:
     ``<data_root>/<image_dir>`` (paths in the JSON files are relative to it). A suite with a
     ``generator`` ("module:function", called as ``function(cache_dir) -> data_root``) makes
     its own data when no data root is given, and one with a ``default_model`` (likewise,
-    returning a model folder) its own starting model. ``defaults`` are dotted config keys the suite
-    sets before the user's config file and ``--set`` options (e.g. a learning rate).
+    returning a model folder) its own starting model. ``default_encoder`` (likewise, returning a
+    local CLIP folder) is the image/text feature encoder methods such as HiDe-LLaVA use for their
+    anchors when the run names none. ``defaults`` are dotted config keys the suite sets before
+    the user's config file and ``--set`` options (e.g. a learning rate).
     """
 
     name: str
@@ -57,6 +79,7 @@ class Suite:
     general_benchmarks: tuple[str, ...] = ()
     generator: str | None = None
     default_model: str | None = None
+    default_encoder: str | None = None
     defaults: dict[str, object] = field(default_factory=dict, compare=False)
 
     def task(self, name: str) -> TaskSpec:
@@ -74,7 +97,8 @@ class Suite:
             return list(self.tasks)
         if isinstance(order, str):
             letters = {t.letter: t for t in self.tasks}
-            if "," not in order and len(order) == len(self.tasks) and set(order) <= set(letters):
+            by_letters = "," not in order and order not in self.task_names()
+            if by_letters and set(order) <= set(letters):
                 chosen = [letters[c] for c in order]
             else:
                 chosen = [self.task(n.strip()) for n in order.split(",") if n.strip()]
@@ -85,32 +109,46 @@ class Suite:
             raise CLBenchError(f"order {order!r} names a task twice: {names}")
         return chosen
 
+    def locate(self, spec: TaskSpec, data_root: Path) -> TaskLocation:
+        """Look for a task's folder and files under ``data_root`` without raising."""
+        base = data_root / self.tasks_dir
+        candidates = tuple(base / f for f in spec.folders)
+        image_root = data_root / self.image_dir
+        folder = next((c for c in candidates if c.is_dir()), None)
+        if folder is None:
+            return TaskLocation(candidates, None, None, None, None, image_root)
+        references = next(
+            (d / name for name in spec.reference_files for d in (folder, image_root)
+             if (d / name).is_file()),
+            None,
+        )
+        return TaskLocation(
+            candidates, folder, _first_file(folder, spec.train_files),
+            _first_file(folder, spec.test_files), references, image_root,
+        )
+
     def task_files(self, spec: TaskSpec, data_root: Path) -> TaskFiles:
         """Resolve a task's files under ``data_root``; a missing one is a clear error."""
-        base = data_root / self.tasks_dir
-        folder = next((base / f for f in spec.folders if (base / f).is_dir()), None)
-        if folder is None:
+        found = self.locate(spec, data_root)
+        if found.folder is None:
             raise CLBenchError(
                 f"{self.name}: task folder for {spec.name} not found (looked for "
-                f"{' or '.join(str(base / f) for f in spec.folders)}). Expected layout: "
+                f"{' or '.join(str(c) for c in found.folder_candidates)}). Expected layout: "
                 f"{self.layout_hint()}. Data: {self.data_source}"
             )
-        return TaskFiles(
-            train=_first_existing(folder, spec.train_files, self),
-            test=_first_existing(folder, spec.test_files, self),
-            image_root=data_root / self.image_dir,
-        )
+        for path, names in ((found.train, spec.train_files), (found.test, spec.test_files)):
+            if path is None:
+                raise CLBenchError(
+                    f"{self.name}: none of {', '.join(names)} found in {found.folder}. "
+                    f"Expected layout: {self.layout_hint()}. Data: {self.data_source}"
+                )
+        assert found.train is not None and found.test is not None
+        return TaskFiles(found.train, found.test, found.image_root, found.references)
 
     def layout_hint(self) -> str:
         base = f"<data_root>/{self.tasks_dir + '/' if self.tasks_dir else ''}"
         return f"{base}<Task>/{{train,test}}.json with images under <data_root>/{self.image_dir}"
 
 
-def _first_existing(folder: Path, names: tuple[str, ...], suite: Suite) -> Path:
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    raise CLBenchError(
-        f"{suite.name}: none of {', '.join(names)} found in {folder}. "
-        f"Expected layout: {suite.layout_hint()}. Data: {suite.data_source}"
-    )
+def _first_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)

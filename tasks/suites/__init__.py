@@ -1,3 +1,3 @@
 """Suite definitions; importing this package registers every suite."""
 
-from tasks.suites import ucit  # noqa: F401
+from tasks.suites import coin, llava665k, llavac_ft, ucit  # noqa: F401

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cl_bench.registry import SUITES
 from tasks.suite import Suite, TaskSpec
 
@@ -10,6 +12,12 @@ OPTION = "Answer with the option's letter from the given choices directly."
 CAPTION = "Generate a brief caption for the image."
 TRAIN_FILES = ("train.json", "train_4w.json", "train_brief_4w.json")
 TEST_FILES = ("test.json", "test_3000.json")
+CAPTION_REFERENCES = ("val_coco_type_3000.json",)
+# HiDe-LLaVA, Table 5: training records per task (test: 3,000 each).
+UCIT_TRAIN_COUNTS = {
+    "ImageNet-R": 23998, "ArxivQA": 40000, "VizWiz-caption": 40000, "IconQA": 29859,
+    "CLEVR-Math": 40000, "Flickr30k": 40000,
+}
 
 UCIT_TASKS = (
     TaskSpec("ImageNet-R", "R", ("ImageNet-R",), WORD, "word"),
@@ -26,12 +34,16 @@ UCIT = SUITES.register("ucit")(
         description="HiDe-LLaVA's six tasks (ImageNet-R, ArxivQA, VizWiz-caption, IconQA, "
         "CLEVR-Math, Flickr30k)",
         tasks=tuple(
-            TaskSpec(t.name, t.letter, t.folders, t.instruction, t.answer_type,
-                     TRAIN_FILES, TEST_FILES, expected_test=3000)
+            replace(
+                t, train_files=TRAIN_FILES, test_files=TEST_FILES,
+                expected_train=UCIT_TRAIN_COUNTS[t.name], expected_test=3000,
+                reference_files=CAPTION_REFERENCES if t.answer_type == "caption" else (),
+            )
             for t in UCIT_TASKS
         ),
-        data_source="the UCIT release of HiDe-LLaVA (Hugging Face dataset 'HiDe-LLaVA/UCIT'), "
-        "downloaded by you beforehand",
+        data_source="the UCIT release of HiDe-LLaVA (instructions from the Hugging Face dataset "
+        "'HaiyangGuo/UCIT'; images from ArxivQA, ImageNet-R, IconQA, CLEVR-Math, VizWiz and "
+        "Flickr30k), downloaded by you beforehand; see docs/suites.md",
         tasks_dir="UCIT",
         image_dir="UCIT/datasets",
     )
@@ -50,6 +62,7 @@ UCIT_MICRO = SUITES.register("ucit-micro")(
         general_benchmarks=("micro_mme", "micro_pope", "micro_open"),
         generator="tasks.micro.base:micro_data_root",
         default_model="tasks.micro.base:micro_base_model",
+        default_encoder="tasks.micro.base:micro_clip_model",
         defaults={
             "train.learning_rate": 1e-3, "train.batch_size": 32, "train.epochs": 2.0,
             "lora.rank": 16, "lora.alpha": 32.0, "eval.batch_size": 64,
