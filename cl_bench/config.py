@@ -71,6 +71,8 @@ class RunConfig:
     out: str | None = None
     seed: int = 0
     quick: bool = False
+    general: list[str] | None = None
+    probes: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)

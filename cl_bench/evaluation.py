@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -36,7 +39,48 @@ def greedy_config(bundle: ModelBundle, max_new_tokens: int) -> GenerationConfig:
     )
 
 
+Prompt = tuple[str, Path | Image.Image | None]
+BeforeBatch = Callable[[list[tuple[str, Image.Image | None]]], None]
+
+
 @torch.no_grad()
+def generate_texts(
+    model: torch.nn.Module,
+    bundle: ModelBundle,
+    prompts: Sequence[Prompt],
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "generate",
+    before_batch: BeforeBatch | None = None,
+) -> list[str]:
+    """Greedy answers to one-turn prompts ``(question, image path, PIL image or None)``, in
+    batches (left padded); images are loaded one batch at a time. ``before_batch`` sees each
+    batch's ``(question, PIL image or None)`` pairs before it is generated (method hooks)."""
+    model.eval()
+    config = greedy_config(bundle, max_new_tokens)
+    texts: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        chunk = prompts[start : start + batch_size]
+        items = [
+            {"ids": encode_prompt(bundle, question, image is not None), "image": _image(image)}
+            for question, image in chunk
+        ]
+        if before_batch is not None:
+            before_batch([(q, item["image"]) for (q, _), item in zip(chunk, items, strict=True)])
+        batch = collate_batch(items, bundle, left_pad=True)
+        out = model.generate(**batch, generation_config=config)
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        decoded = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts += [text.strip() for text in decoded]
+    return texts
+
+
+def _image(image: Path | Image.Image | None) -> Image.Image | None:
+    if image is None:
+        return None
+    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+
+
 def generate_answers(
     model: torch.nn.Module,
     bundle: ModelBundle,
@@ -44,26 +88,12 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     desc: str = "generate",
+    before_batch: BeforeBatch | None = None,
 ) -> dict[str, str]:
-    """Answers to the first question of each sample, by id, in batches (left padded)."""
-    model.eval()
-    config = greedy_config(bundle, max_new_tokens)
-    answers: dict[str, str] = {}
-    for start in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
-        chunk = samples[start : start + batch_size]
-        items = [
-            {
-                "ids": encode_prompt(bundle, s.question, s.image is not None),
-                "image": load_image(s.image) if s.image is not None else None,
-            }
-            for s in chunk
-        ]
-        batch = collate_batch(items, bundle, left_pad=True)
-        out = model.generate(**batch, generation_config=config)
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        texts = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        answers.update({s.id: text.strip() for s, text in zip(chunk, texts, strict=True)})
-    return answers
+    """Answers to the first question of each sample, by id."""
+    prompts = [(s.question, s.image) for s in samples]
+    texts = generate_texts(model, bundle, prompts, batch_size, max_new_tokens, desc, before_batch)
+    return {s.id: text for s, text in zip(samples, texts, strict=True)}
 
 
 def evaluate_task(
@@ -75,8 +105,11 @@ def evaluate_task(
     batch_size: int,
     max_new_tokens: int,
     rule: str,
+    before_batch: BeforeBatch | None = None,
 ) -> TaskResult:
     """Generate and score one task."""
-    predictions = generate_answers(model, bundle, samples, batch_size, max_new_tokens, task)
+    predictions = generate_answers(
+        model, bundle, samples, batch_size, max_new_tokens, task, before_batch
+    )
     references = {s.id: list(s.references) for s in samples}
     return TaskResult(task, score_task(answer_type, predictions, references, rule), predictions)

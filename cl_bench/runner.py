@@ -8,6 +8,7 @@ The run folder is the contract with reports and resume:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from cl_bench import degradation
 from cl_bench.config import RunConfig, from_dict, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import TaskResult, evaluate_task
@@ -27,7 +29,8 @@ from cl_bench.metrics import summarize
 from cl_bench.models import load_llava
 from cl_bench.registry import call_target, get_method, get_suite
 from cl_bench.training import train_model
-from tasks.loaders import Sample, load_samples
+from tasks.data_check import require_valid_data
+from tasks.loaders import Sample, load_test_samples
 from tasks.suite import Suite, TaskSpec
 
 
@@ -145,7 +148,7 @@ def load_test_sets(suite: Suite, tasks: list[TaskSpec], root: Path, cfg: RunConf
     sets = {}
     for task in tasks:
         files = suite.task_files(task, root)
-        samples = load_samples(files.test, files.image_root)
+        samples = load_test_samples(files)
         if cfg.eval.limit is not None and len(samples) > cfg.eval.limit:
             samples = random.Random(cfg.seed).sample(samples, cfg.eval.limit)
         sets[task.name] = samples
@@ -153,14 +156,19 @@ def load_test_sets(suite: Suite, tasks: list[TaskSpec], root: Path, cfg: RunConf
 
 
 def evaluate_all(
-    model, ctx: MethodContext, tasks: list[TaskSpec], test_sets: dict, stage: int, folder: RunFolder
+    model, ctx: MethodContext, tasks: list[TaskSpec], test_sets: dict, stage: int,
+    folder: RunFolder, method: Method | None = None,
 ) -> dict[str, TaskResult]:
+    """Evaluate every task; ``method.before_generate`` sees each batch (after stage 0)."""
     cfg = ctx.config
     results = {}
     for task in tasks:
+        hook = None
+        if method is not None:
+            hook = functools.partial(method.before_generate, model, label=task.name)
         result = evaluate_task(
             model, ctx.bundle, task.name, task.answer_type, test_sets[task.name],
-            cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.rule,
+            cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.rule, hook,
         )
         folder.write_predictions(stage, result, test_sets[task.name])
         results[task.name] = result
@@ -189,6 +197,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     options = parse_options(method_cls, cfg.method_options)
     tasks = suite.resolve_order(cfg.order)
     data_root = resolve_data_root(suite, cfg)
+    require_valid_data(suite, data_root, tasks)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
     bundle = load_llava(resolve_model(suite, cfg))
     ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
@@ -198,18 +207,19 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         for task in stage.tasks:
             ctx.train_samples(task)
     names = [t.name for t in tasks]
+    checks = degradation.prepare(ctx, tasks, stages)
     done = len(folder.records())
     if done == 0:
         log(f"{cfg.method} on {cfg.suite}: evaluating the starting model on {len(tasks)} tasks")
         set_seed(cfg.seed)
         results = evaluate_all(bundle.model, ctx, tasks, test_sets, 0, folder)
-        folder.append_record(stage_record(None, results, {}))
+        folder.append_record(stage_record(None, results, checks.measure(bundle.model, 0)))
         model = bundle.model
     else:
         log(f"resuming {folder.path} after stage {done - 1}")
         model = method.load(folder.checkpoint(done - 1)) if done > 1 else bundle.model
     for stage in stages[done - 1 if done else 0 :]:
-        model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder)
+        model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder, checks)
         folder.write_matrix(names)
     matrix = folder.write_matrix(names)
     write_summary(folder, cfg, names, matrix, time.time() - started)
@@ -218,9 +228,10 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
 
 def run_stage(
     method: Method, model, stage: Stage, total: int, tasks: list[TaskSpec], test_sets: dict,
-    folder: RunFolder,
+    folder: RunFolder, checks: degradation.Degradation | None = None,
 ):
-    """Train, consolidate, evaluate and checkpoint one stage."""
+    """Train, consolidate, evaluate (tasks, then general benchmarks and probes) and checkpoint
+    one stage."""
     ctx = method.context
     log(f"stage {stage.index}/{total}: training on {stage.name}")
     set_seed(ctx.config.seed + stage.index)
@@ -232,11 +243,20 @@ def run_stage(
     )
     model = method.after_stage(model, stage)
     t1 = time.time()
-    results = evaluate_all(method.eval_model(model), ctx, tasks, test_sets, stage.index, folder)
-    seconds = {"train": round(t1 - t0, 2), "eval": round(time.time() - t1, 2)}
+    evaluated = method.eval_model(model)
+    results = evaluate_all(evaluated, ctx, tasks, test_sets, stage.index, folder, method)
+    t2 = time.time()
+    measured = checks.measure(evaluated, stage.index, method) if checks else {}
+    diagnostics = method.after_evaluation(stage)
+    seconds = {"train": round(t1 - t0, 2), "eval": round(t2 - t1, 2)}
+    if measured:
+        seconds["general_probes"] = round(time.time() - t2, 2)
     checkpoint = folder.checkpoint(stage.index)
     method.save(model, checkpoint)
-    folder.append_record(stage_record(stage, results, {"train": train_info, "seconds": seconds}))
+    extra = {"train": train_info, "seconds": seconds, **measured}
+    if diagnostics:
+        extra["method"] = diagnostics
+    folder.append_record(stage_record(stage, results, extra))
     previous = folder.checkpoint(stage.index - 1)
     if previous.exists():
         shutil.rmtree(previous)
@@ -258,6 +278,11 @@ def write_summary(
         "final": dict(zip(tasks, matrix[-1], strict=True)),
         "wall_seconds_last_session": round(wall, 1),
     }
+    records = folder.records()
+    if general := degradation.summary_general(records):
+        summary["general"] = general
+    if probes := degradation.summary_probes(records):
+        summary["probes"] = probes
     (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(folder.path)
     log(f"done: {folder.path} (Avg {summary.get('Avg')}, Last {summary['Last']:.2f})")

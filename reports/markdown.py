@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reports.degradation import examples_section, general_section, probes_section
+from reports.method_info import method_section
 from reports.run_folder import read_matrix, read_records, read_summary
 
 METRICS = ("Avg", "Last", "MFT", "MAA", "BWT", "FWT", "Forgetting")
@@ -50,7 +52,9 @@ def write_report(run_dir: Path) -> Path:
     if summary.get("quick"):
         title += " -- quick run"
     headline = markdown_table(list(METRICS), [[fmt(summary.get(m)) for m in METRICS]])
-    parts = [title, headline, matrix_section(run_dir), timing_section(run_dir)]
+    parts = [title, headline, matrix_section(run_dir), timing_section(run_dir),
+             method_section(run_dir), general_section(summary), probes_section(summary),
+             examples_section(run_dir)]
     path = run_dir / "report.md"
     path.write_text("\n\n".join(p for p in parts if p) + "\n")
     return path
