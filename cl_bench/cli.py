@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     fields = {
         "method": args.method, "suite": args.suite, "order": args.order, "out": args.out,
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
-        "quick": True if args.quick else None,
+        "quick": True if args.quick else None, "general": general_option(args.general),
     }
     if args.resume:
         if not args.out:
@@ -61,11 +61,32 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(run(cfg, resume=args.resume))
 
 
+def general_option(value: str | None) -> str | None:
+    """``--general``: comma-separated names; "none" (or "") means no general benchmarks."""
+    if value is None:
+        return None
+    return "[]" if value.strip().lower() in ("", "none") else value
+
+
 @command("report")
 def cmd_report(args: argparse.Namespace) -> None:
     from reports.markdown import write_report
 
     print(write_report(args.run_dir))
+
+
+@command("sweep-alpha")
+def cmd_sweep_alpha(args: argparse.Namespace) -> None:
+    from cl_bench.sweep import parse_alphas, sweep_alpha
+
+    print(sweep_alpha(args.run_dir, args.stage, parse_alphas(args.alphas), args.consolidation))
+
+
+@command("analyze")
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from cl_bench.analyze import ANALYSES
+
+    print(ANALYSES[args.kind](args))
 
 
 @command("base")
@@ -74,6 +95,30 @@ def cmd_base(args: argparse.Namespace) -> None:
     from tasks.micro.base import micro_base_model
 
     print(micro_base_model(cache_dir(), force=args.force))
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.action == "split665k":
+        from tasks.llava665k import write_splits
+
+        if not args.data_root:
+            raise CLBenchError("data split665k needs --data-root PATH (where the splits go)")
+        source = Path(args.source).expanduser() if args.source else None
+        result = write_splits(Path(args.data_root).expanduser(), source, args.probe_size)
+        print(result.table())
+        return
+    from cl_bench.config import RunConfig
+    from cl_bench.registry import get_suite
+    from cl_bench.runner import resolve_data_root
+    from tasks.data_check import check_suite_data
+
+    suite = get_suite(args.suite or RunConfig().suite)
+    root = resolve_data_root(suite, RunConfig(suite=suite.name, data_root=args.data_root))
+    report = check_suite_data(suite, root, suite.resolve_order(args.order))
+    print(report.table())
+    if not report.ok:
+        raise CLBenchError(f"data check failed: {report.problem_count()} problem(s), listed above")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,13 +136,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", help="folder holding the suite's data")
     run.add_argument("--config", type=Path, help="YAML config file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. train.learning_rate=1e-4 or method.alpha=0.3")
+                     help="override a config key, e.g. train.learning_rate=1e-4, method.alpha=0.3")
+    run.add_argument("--general", help="general benchmarks after each stage (lmms-eval task "
+                     "names, comma-separated; default: the suite's own; 'none' for none)")
     run.add_argument("--limit", type=int, help="at most N train and N test samples per task")
     run.add_argument("--quick", action="store_true", help="a smoke run: few samples, few steps")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
 
     report = sub.add_parser("report", help="rebuild report.md of a run folder")
     report.add_argument("run_dir", type=Path)
+
+    sweep = sub.add_parser("sweep-alpha", help="re-consolidate a stage of a llava_c-family run "
+                           "for many alphas and re-evaluate, without retraining")
+    sweep.add_argument("run_dir", type=Path)
+    sweep.add_argument("--stage", type=int, required=True, help="the stage to re-consolidate")
+    sweep.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a list (0,0.2)")
+    sweep.add_argument("--consolidation", choices=["sac", "modelmix"], default="sac")
+
+    from cl_bench.analyze import add_analysis_parsers
+
+    analyze = sub.add_parser("analyze", help="analyses of models and runs (cka, layouts)")
+    add_analysis_parsers(analyze.add_subparsers(dest="kind", required=True))
+
+    data = sub.add_parser("data", help="check a suite's data folder (check), or split "
+                          "llava_v1_5_mix665k.json into the llava665k tasks (split665k)")
+    data.add_argument("action", choices=["check", "split665k"])
+    data.add_argument("--suite", help="suite name (default ucit-micro)")
+    data.add_argument("--data-root", help="the suite's data folder (default CLBENCH_DATA_ROOT)")
+    data.add_argument("--order", help="check only these tasks: letters or comma-separated names")
+    data.add_argument("--source", help="split665k: the mix file (default "
+                      "<data-root>/llava_v1_5_mix665k.json)")
+    data.add_argument("--probe-size", type=int, default=500,
+                      help="split665k: test records (a retention probe) per task")
 
     base = sub.add_parser("base", help="the micro world's base model")
     base.add_argument("action", choices=["build"])

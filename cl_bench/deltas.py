@@ -62,7 +62,8 @@ class StageDelta:
             if kind == "full":
                 delta.full[name] = tensor
             elif part == ["A"]:
-                delta.lora[name] = LoraFactors(tensors[f"lora::{name}::B"], tensor, float(meta[name]))
+                B = tensors[f"lora::{name}::B"]
+                delta.lora[name] = LoraFactors(B, tensor, float(meta[name]))
         return delta
 
 

@@ -2,14 +2,16 @@
 
 The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
 ``training_samples`` with ``extra_losses`` added to the LLaVA loss -> ``after_stage``
-(consolidation) -> evaluation of every task on ``eval_model`` -> ``save``. A method sees only
-the current stage's tasks, never the future ones.
+(consolidation) -> evaluation of every task on ``eval_model`` (``before_generate`` before each
+generation batch) -> ``after_evaluation`` -> ``save``. A method sees only the current stage's
+tasks, never the future ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -100,6 +102,17 @@ class Method:
         """The model as the method assembles it for evaluation."""
         return model
 
+    def before_generate(
+        self, model: torch.nn.Module, prompts: Sequence[tuple[str, Any]], label: str
+    ) -> None:
+        """Called before each generation batch on ``eval_model``'s model with the batch's
+        ``(question, PIL image or None)`` prompts, e.g. to route by input. ``label`` names the
+        evaluated set for diagnostics only: never a task id to route by."""
+
+    def after_evaluation(self, stage: Stage) -> dict:
+        """Diagnostics of the stage's evaluation, stored in its record under ``method`` (JSON)."""
+        return {}
+
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """Everything needed to resume after this stage."""
@@ -128,7 +141,9 @@ def parse_options(method: type[Method], given: dict[str, Any]) -> Any:
         known = ", ".join(sorted(names)) or "none"
         raise CLBenchError(f"unknown option(s) method.{unknown[0]} for this method; known: {known}")
     hints = _hints(method.Options)
-    values = {k: convert_value(v, hints[k], f"method.{k}", "method options") for k, v in given.items()}
+    values = {
+        k: convert_value(v, hints[k], f"method.{k}", "method options") for k, v in given.items()
+    }
     return method.Options(**values)
 
 

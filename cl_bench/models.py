@@ -141,7 +141,9 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
-def language_model_linears(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Linear]:
+def language_model_linears(
+    model: torch.nn.Module, targets: list[str]
+) -> dict[str, torch.nn.Linear]:
     """The language model's linear layers named in ``targets``, by module name."""
     return {
         name: module

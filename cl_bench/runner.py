@@ -125,20 +125,28 @@ class RunFolder:
         return self.path / "checkpoints" / f"stage_{stage}"
 
 
-def prepare_folder(cfg: RunConfig, resume: bool) -> RunFolder:
-    """Create the run folder, or reopen it to resume; never overwrite a finished run."""
-    path = Path(cfg.out or f"runs/{cfg.suite}-{cfg.method}-seed{cfg.seed}").expanduser()
-    folder = RunFolder(path)
-    if resume:
-        if not (path / "config.yaml").exists():
-            raise CLBenchError(f"--resume: {path} holds no run (no config.yaml)")
-        return folder
+def run_path(cfg: RunConfig) -> Path:
+    return Path(cfg.out or f"runs/{cfg.suite}-{cfg.method}-seed{cfg.seed}").expanduser()
+
+
+def reopen_folder(cfg: RunConfig) -> RunFolder:
+    """The run folder to resume."""
+    path = run_path(cfg)
+    if not (path / "config.yaml").exists():
+        raise CLBenchError(f"--resume: {path} holds no run (no config.yaml)")
+    return RunFolder(path)
+
+
+def create_folder(cfg: RunConfig) -> RunFolder:
+    """A new run folder with its config; never overwrites a run already there."""
+    path = run_path(cfg)
     if (path / "records.jsonl").exists():
         raise CLBenchError(
             f"run folder {path} already holds a run: use --resume to continue it, "
             "or --out for a new folder"
         )
     path.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(path)
     folder.write_config(cfg)
     return folder
 
@@ -189,13 +197,15 @@ def stage_record(stage: Stage | None, results: dict[str, TaskResult], extra: dic
 def run(cfg: RunConfig, resume: bool = False) -> Path:
     """Run (or resume) a whole protocol; returns the run folder."""
     started = time.time()
-    folder = prepare_folder(cfg, resume)
     if resume:
-        cfg = folder.read_config()
+        path = reopen_folder(cfg).path
+        cfg = RunFolder(path).read_config()
+        cfg.out = str(path)
     suite = get_suite(cfg.suite)
     method_cls: type[Method] = get_method(cfg.method)
     options = parse_options(method_cls, cfg.method_options)
     tasks = suite.resolve_order(cfg.order)
+    folder = reopen_folder(cfg) if resume else create_folder(cfg)
     data_root = resolve_data_root(suite, cfg)
     require_valid_data(suite, data_root, tasks)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)

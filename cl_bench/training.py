@@ -30,7 +30,8 @@ class ConversationDataset(Dataset):
         sample = self.samples[i]
         has_image = sample.image is not None
         ids, labels = encode_conversation(self.bundle, sample.turns, has_image, self.max_length)
-        return {"ids": ids, "labels": labels, "image": load_image(sample.image) if has_image else None}
+        image = load_image(sample.image) if has_image else None
+        return {"ids": ids, "labels": labels, "image": image}
 
 
 def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False) -> dict:
@@ -89,7 +90,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int) -> Trainin
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         deepspeed=cfg.deepspeed,
         logging_steps=10,
         save_strategy="no",
@@ -98,6 +99,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int) -> Trainin
         data_seed=seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -19,6 +19,7 @@ actually used (e.g. ``"iou>0.5"`` for boxes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import re
@@ -332,11 +333,19 @@ def score_yesno(predictions: dict[str, str], references: References, rule: str) 
 CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
+@functools.cache
+def meteor_scorer():
+    """One METEOR Java process per Python process: starting it (loading its paraphrase tables)
+    costs seconds, each later call milliseconds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def caption_metrics(predictions: dict[str, str], references: References) -> dict[str, float]:
     """The seven COCO caption metrics (0..1, CIDEr up to 10) on PTB-tokenised captions."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -349,7 +358,7 @@ def caption_metrics(predictions: dict[str, str], references: References) -> dict
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length ratio
         bleu, _ = Bleu(4).compute_score(gts, res)
     values = [*bleu]
-    for metric in (Meteor(), Rouge(), Cider()):
+    for metric in (meteor_scorer(), Rouge(), Cider()):
         value, _ = metric.compute_score(gts, res)
         values.append(float(value))
     return dict(zip(CAPTION_METRICS, values, strict=True))

@@ -73,7 +73,8 @@ def llava_c_run(tmp_path_factory, ucit_root: Path, tiny_llava: Path) -> Path:
 
 
 def test_llava_c_stores_deltas_and_trains_with_uir(llava_c_run: Path) -> None:
-    records = [json.loads(line) for line in (llava_c_run / "records.jsonl").read_text().splitlines()]
+    lines = (llava_c_run / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     assert [r["stage"] for r in records] == [0, 1, 2]
     assert all(r["train"]["uir"] >= 0 for r in records[1:])
     for stage in (1, 2):
@@ -98,7 +99,8 @@ def test_sweep_errors(llava_c_run: Path, tmp_path: Path) -> None:
         sweep_alpha(llava_c_run, 2, [0.5], "svd")
     finetune_dir = tmp_path / "ft"
     finetune_dir.mkdir()
-    config = (llava_c_run / "config.yaml").read_text().replace("method: llava_c", "method: finetune")
+    config = (llava_c_run / "config.yaml").read_text()
+    config = config.replace("method: llava_c", "method: finetune")
     (finetune_dir / "config.yaml").write_text(config)
     with pytest.raises(CLBenchError, match="stores no deltas"):
         sweep_alpha(finetune_dir, 1, [0.5], "sac")

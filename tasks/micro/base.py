@@ -31,7 +31,7 @@ from tasks.micro.model import (
 from tasks.micro.world import MicroWorldConfig
 from tasks.micro.write import generate_micro_world
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class BaseBuildConfig:
     llava_lr: float = 1e-3
 
     def fingerprint(self) -> str:
-        text = json.dumps([FORMAT_VERSION, asdict(self)], sort_keys=True, default=str)
+        parts = [FORMAT_VERSION, self.world.fingerprint(), asdict(self)]
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -58,7 +59,9 @@ def micro_data_root(cache: Path, world: MicroWorldConfig | None = None) -> Path:
     return generate_micro_world(cache / "micro-data", world or MicroWorldConfig(), progress=True)
 
 
-def micro_base_model(cache: Path, force: bool = False, build: BaseBuildConfig | None = None) -> Path:
+def micro_base_model(
+    cache: Path, force: bool = False, build: BaseBuildConfig | None = None
+) -> Path:
     """The cached base LLaVA folder, built if missing (or if ``force``)."""
     build = build or BaseBuildConfig()
     folder = cache / "micro-base" / build.fingerprint()
@@ -115,6 +118,7 @@ def build_base(data: Path, out: Path, build: BaseBuildConfig) -> None:
 
     llava = build_llava(build.tiny, tokenizer)
     llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    llava.model.vision_tower.requires_grad_(False)  # frozen, as LLaVA-1.5 keeps CLIP
     processor = llava_processor(build.tiny, tokenizer)
     bundle = ModelBundle(llava, processor, out / "llava")
     _log(f"training the tiny LLaVA on {len(general)} general-mix samples")

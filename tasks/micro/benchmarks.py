@@ -20,62 +20,16 @@ from dataclasses import dataclass
 from PIL import Image
 
 from tasks.micro import draw
-from tasks.micro.general import YES_NO_SUFFIX, scene_with
+from tasks.micro.general import ALL_KINDS, YES_NO_SUFFIX, mme_pair, name
 from tasks.micro.records import Example
-from tasks.micro.scene import Kind, Thing, article, place, plural, unique
-from tasks.micro.world import COLOURS, SHAPES, balanced, number_word, rng_for
+from tasks.micro.scene import Kind, article, place
+from tasks.micro.world import balanced, rng_for
 
 MME_CATEGORIES = ("existence", "count", "position", "colour")
 POPE_SPLITS = ("random", "popular", "adversarial")
 POPE_PER_IMAGE = 3  # positives (and negatives) per image, as in POPE
-ALL_KINDS: tuple[Kind, ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
-
-
-def name(kind: Kind) -> str:
-    return f"{kind[0]} {kind[1]}"
-
-
 def mme_question(text: str) -> str:
     return text + YES_NO_SUFFIX
-
-
-def mme_pair(rng: random.Random, category: str) -> tuple[list[Thing], str, str]:
-    """A scene and its yes-question and no-question for one MME category."""
-    if category == "existence":
-        things = scene_with(rng, 2, 4)
-        present = sorted({(t.colour, t.shape) for t in things})
-        yes = rng.choice(present)
-        no = rng.choice([k for k in ALL_KINDS if k not in present])
-        ask = "Is there {} in this image?"
-        return things, ask.format(f"{article(yes[0])} {name(yes)}"), ask.format(
-            f"{article(no[0])} {name(no)}")
-    if category == "count":
-        things = scene_with(rng, 1, 5)
-        shape = rng.choice([t.shape for t in things])
-        n = sum(t.shape == shape for t in things)
-        wrong = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
-        return things, count_question(n, shape), count_question(wrong, shape)
-    if category == "position":
-        things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.name)))
-        t = rng.choice(unique(things, lambda x: x.name))
-        if rng.random() < 0.5:
-            yes, no = t.side, "right" if t.side == "left" else "left"
-            ask = "Is the {} on the {} of this image?"
-        else:
-            yes, no = t.level, "bottom" if t.level == "top" else "top"
-            ask = "Is the {} at the {} of this image?"
-        return things, ask.format(t.name, yes), ask.format(t.name, no)
-    things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.shape)))
-    t = rng.choice(unique(things, lambda x: x.shape))
-    other = rng.choice([c for c in COLOURS if c != t.colour])
-    ask = "Is the {} in this image {}?"
-    return things, ask.format(t.shape, t.colour), ask.format(t.shape, other)
-
-
-def count_question(n: int, shape: str) -> str:
-    if n == 1:
-        return f"Is there exactly one {shape} in this image?"
-    return f"Are there exactly {number_word(n)} {plural(shape)} in this image?"
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from tasks.micro import draw
 from tasks.micro.records import Example
 from tasks.micro.scene import (
+    Kind,
     Thing,
     article,
     count_sentence,
@@ -166,6 +167,65 @@ def text_only(rng: random.Random, size: int) -> Example:
     return Example(question, answer)
 
 
+ALL_KINDS: tuple[Kind, ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
+
+
+def name(kind: Kind) -> str:
+    return f"{kind[0]} {kind[1]}"
+
+
+def mme_pair(rng: random.Random, category: str) -> tuple[list[Thing], str, str]:
+    """A scene and its yes-question and no-question for one MME category."""
+    if category == "existence":
+        things = scene_with(rng, 2, 4)
+        present = sorted({(t.colour, t.shape) for t in things})
+        yes = rng.choice(present)
+        no = rng.choice([k for k in ALL_KINDS if k not in present])
+        ask = "Is there {} in this image?"
+        return things, ask.format(f"{article(yes[0])} {name(yes)}"), ask.format(
+            f"{article(no[0])} {name(no)}")
+    if category == "count":
+        things = scene_with(rng, 1, 5)
+        shape = rng.choice([t.shape for t in things])
+        n = sum(t.shape == shape for t in things)
+        wrong = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
+        return things, count_question(n, shape), count_question(wrong, shape)
+    if category == "position":
+        things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.name)))
+        t = rng.choice(unique(things, lambda x: x.name))
+        if rng.random() < 0.5:
+            yes, no = t.side, "right" if t.side == "left" else "left"
+            ask = "Is the {} on the {} of this image?"
+        else:
+            yes, no = t.level, "bottom" if t.level == "top" else "top"
+            ask = "Is the {} at the {} of this image?"
+        return things, ask.format(t.name, yes), ask.format(t.name, no)
+    things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.shape)))
+    t = rng.choice(unique(things, lambda x: x.shape))
+    other = rng.choice([c for c in COLOURS if c != t.colour])
+    ask = "Is the {} in this image {}?"
+    return things, ask.format(t.shape, t.colour), ask.format(t.shape, other)
+
+
+def count_question(n: int, shape: str) -> str:
+    if n == 1:
+        return f"Is there exactly one {shape} in this image?"
+    return f"Are there exactly {number_word(n)} {plural(shape)} in this image?"
+
+
+MME_CATEGORIES = ("existence", "count", "position", "colour")
+
+
+def yes_no(rng: random.Random, size: int) -> Example:
+    """A yes/no question of one of MME's kinds (on fresh images) with a short answer."""
+    things, yes, no = mme_pair(rng, rng.choice(MME_CATEGORIES))
+    question, answer = (yes, "Yes.") if rng.random() < 0.5 else (no, "No.")
+    if rng.random() < 0.5:
+        question += YES_NO_SUFFIX
+    return Example(question, answer, draw.scene_image(things, size, rng),
+                   caption=describe(things))
+
+
 GENERAL_MIX: dict[str, tuple[float, Maker]] = {
     "describe": (0.16, describe_scene),
     "colour": (0.08, colour_of),
@@ -175,6 +235,7 @@ GENERAL_MIX: dict[str, tuple[float, Maker]] = {
     "count_colour": (0.05, count_colour),
     "position": (0.08, position),
     "exists": (0.12, exists),
+    "yes_no": (0.12, yes_no),
     "big_shape": (0.08, big_shape),
     "chart": (0.10, bar_chart),
     "text": (0.14, text_only),

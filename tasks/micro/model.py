@@ -113,7 +113,9 @@ def build_clip(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> CLIPModel
     return CLIPModel(config)
 
 
-def build_llava(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+def build_llava(
+    cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast
+) -> LlavaForConditionalGeneration:
     """A tiny LLaVA-1.5: Llama text model, CLIP vision tower, two-layer MLP projector."""
     text = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -7,7 +7,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Colour = tuple[int, int, int]
 
