@@ -98,7 +98,11 @@ def sac_delta(delta: Tensor, alpha: float, boundary: str = "pad") -> Tensor:
         return delta.clone()
     matrix = delta.detach().reshape(delta.shape[0], -1)  # LLaVA-c footnote 1: reshape to M x N
     matrix = matrix.to(_work_dtype(matrix.numel(), delta.dtype))
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # Algorithm 1 line 7
+    if matrix.shape[0] < matrix.shape[1]:  # LAPACK is ~3x faster on the tall transpose
+        v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)  # Algorithm 1 line 7
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)  # Algorithm 1 line 7
     s_new = sac_scale(s, alpha, boundary)
     rebuilt = (u * s_new) @ vh  # Algorithm 1 line 12: U diag(s~) V^T
     return rebuilt.reshape(delta.shape).to(delta.dtype)
