@@ -1,0 +1,381 @@
+"""HiDe-LLaVA: routing (eq. 3-5), fusion (eq. 6-7), assembly, anchors, ablations, run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cl_bench.config import RunConfig
+from cl_bench.deltas import LoraFactors, stage_delta
+from cl_bench.encoders import clip_text_batch, load_encoder
+from cl_bench.errors import CLBenchError
+from cl_bench.evaluation import generate_answers
+from cl_bench.method import MethodContext, Stage, parse_options
+from cl_bench.models import add_lora, encode_prompt, load_image, load_llava
+from cl_bench.registry import get_method, get_suite
+from cl_bench.training import collate_batch
+from methods.hide_llava import (
+    FusedLoRALinear,
+    HiDeLLaVA,
+    HiDeOptions,
+    RoutedLoRALinear,
+    Routing,
+    TaskExpert,
+    anchor_similarity,
+    assemble,
+    expert_model,
+    fused_factors,
+    layer_modes,
+    load_experts,
+    routing_weights,
+)
+from tasks.loaders import load_samples
+from tasks.micro.model import TinyConfig, build_clip, image_processor
+
+RANK = 2
+CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24, heads=2)
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_llava, tmp_path_factory) -> Path:
+    """A tiny CLIP (untrained) on the fixture tokenizer, saved as a local CLIP folder."""
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
+    torch.manual_seed(0)
+    build_clip(CLIP, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor(CLIP).save_pretrained(folder)
+    return folder
+
+
+def make_context(tiny_llava, ucit_root, run_dir: Path) -> MethodContext:
+    cfg = RunConfig(method="hide_llava", suite="ucit", seed=0)
+    cfg.lora.rank, cfg.lora.alpha = RANK, 4.0
+    return MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
+
+
+def trained_like(model: torch.nn.Module, seed: int) -> None:
+    """Stand-in for training: random non-zero LoRA B factors and a nudged projector."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                scale = 0.5 if "lora_B" in name else 0.01
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def stage(index: int, name: str) -> Stage:
+    return Stage(index, (get_suite("ucit").task(name),))
+
+
+def task_test_samples(ucit_root, task: str):
+    folder = ucit_root / "UCIT" / task
+    return load_samples(folder / "test.json", ucit_root / "UCIT" / "datasets")
+
+
+def batch_of(bundle, ucit_root, task: str = "ImageNet-R", n: int = 3) -> dict:
+    items = [{"ids": encode_prompt(bundle, s.question, True), "image": load_image(s.image)}
+             for s in task_test_samples(ucit_root, task)[:n]]
+    return collate_batch(items, bundle)
+
+
+# -- eq. 3-5: routing ----------------------------------------------------------------------------
+def test_anchor_similarity_is_cosine() -> None:  # HiDe-LLaVA eq. 3
+    sims = anchor_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+                             torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    half = 1 / math.sqrt(2)
+    assert torch.allclose(sims, torch.tensor([[1.0, 0.0], [half, half]]))
+
+
+def test_routing_weights_against_a_hand_computed_case() -> None:  # HiDe-LLaVA eq. 4
+    image = torch.tensor([[0.9, 0.1], [0.0, 0.0]])
+    text = torch.tensor([[0.5, 0.7], [0.5, 0.7]])
+    has_image = torch.tensor([True, False])
+    d = routing_weights(image, text, has_image, 0.5, 0.5, 0.1)
+    # row 0: r-bar = (0.7, 0.4) -> softmax((7, 4)) = (1 / (1 + e^-3), 1 / (1 + e^3))
+    # row 1 has no image, routes on text: softmax((5, 7)) = (1 / (1 + e^2), 1 / (1 + e^-2))
+    expected = torch.tensor([[1 / (1 + math.exp(-3)), 1 / (1 + math.exp(3))],
+                             [1 / (1 + math.exp(2)), 1 / (1 + math.exp(-2))]])
+    assert torch.allclose(d, expected, atol=1e-6)
+    assert torch.allclose(d.sum(1), torch.ones(2))
+    single = routing_weights(image, text, has_image, 1.0, 0.0, 0.1)  # Figure 4, image only
+    assert torch.allclose(single[0], torch.softmax(torch.tensor([9.0, 1.0]), 0))
+
+
+def factors(out: int, inp: int, rank: int, scaling: float, seed: int) -> LoraFactors:
+    gen = torch.Generator().manual_seed(seed)
+    return LoraFactors(torch.randn(out, rank, generator=gen), torch.randn(rank, inp, generator=gen),
+                       scaling)
+
+
+def test_fused_lora_equals_the_sum_of_deltas() -> None:  # HiDe-LLaVA eq. 6
+    experts = [factors(6, 5, 2, 2.0, 1), factors(6, 5, 2, 0.5, 2), factors(6, 5, 2, 1.0, 3)]
+    B, A = fused_factors(experts, "sum")
+    assert torch.allclose(B @ A, sum(f.product() for f in experts), atol=1e-5)
+    B, A = fused_factors(experts, "sum", weight=0.5)
+    assert torch.allclose(B @ A, 0.5 * sum(f.product() for f in experts), atol=1e-5)
+    B, A = fused_factors(experts, "reference")  # (sum s_i B_i)(sum A_i), cross terms included
+    reference = sum(f.scaling * f.B for f in experts) @ sum(f.A for f in experts)
+    assert torch.allclose(B @ A, reference, atol=1e-5)
+    with pytest.raises(CLBenchError, match="fusion"):
+        fused_factors(experts, "mean")
+
+
+def test_fused_module_adds_the_fused_branch() -> None:  # HiDe-LLaVA eq. 7
+    base = torch.nn.Linear(5, 6)
+    experts = [factors(6, 5, 2, 2.0, 1), factors(6, 5, 2, 0.5, 2)]
+    module = FusedLoRALinear(base, *fused_factors(experts), rank=2)
+    x = torch.randn(3, 4, 5)
+    delta = sum(f.product() for f in experts)
+    assert torch.allclose(module(x), base(x) + x @ delta.T, atol=1e-5)
+    assert module.lora_parameters() == 2 * (5 + 6)
+
+
+def test_routed_module_mixes_experts_per_sample() -> None:  # HiDe-LLaVA eq. 5
+    base = torch.nn.Linear(5, 6)
+    experts = [factors(6, 5, 2, 2.0, 1), factors(6, 5, 2, 0.5, 2)]
+    routing = Routing()
+    module = RoutedLoRALinear(base, experts, routing)
+    x = torch.randn(2, 4, 5)
+    with pytest.raises(CLBenchError, match="routing weights are not set"):
+        module(x)
+    routing.weights = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    d0, d1 = (f.product() for f in experts)
+    expected = torch.stack([base(x[0]) + x[0] @ d0.T,
+                            base(x[1]) + x[1] @ (0.25 * d0 + 0.75 * d1).T])
+    assert torch.allclose(module(x), expected, atol=1e-5)
+    assert module.lora_parameters() == 2 * 2 * (5 + 6)
+
+
+# -- assembly ------------------------------------------------------------------------------------
+def one_expert(bundle, seed: int = 0) -> tuple[torch.nn.Module, TaskExpert]:
+    """A LoRA trained (stand-in) on the base model: the plain model and the stored expert."""
+    cfg = RunConfig()
+    cfg.lora.rank, cfg.lora.alpha = RANK, 4.0
+    model = add_lora(bundle.model, cfg.lora)
+    trained_like(model, seed)
+    lora = stage_delta(model, {}).lora
+    plain = model.unload()
+    projector = {n: p.detach().clone() for n, p in plain.named_parameters()
+                 if "multi_modal_projector" in n}
+    expert = TaskExpert("ImageNet-R", 1, lora, projector, torch.randn(24), torch.randn(24), 4, 4)
+    return plain, expert
+
+
+@pytest.mark.parametrize(("layout", "fusion"), [
+    ("hide", "sum"), ("hide", "reference"), ("merge_all", "sum"), ("expand_all", "sum"),
+])
+def test_with_one_task_the_assembled_model_is_the_task_model(
+    tiny_llava, ucit_root, layout, fusion
+) -> None:
+    bundle = load_llava(tiny_llava)
+    plain, expert = one_expert(bundle)
+    batch = batch_of(bundle, ucit_root)
+    routing = Routing()
+    routing.weights = torch.ones(batch["input_ids"].shape[0], 1)  # softmax over one task
+    options = HiDeOptions(layout=layout, fusion=fusion)
+    assembled, _ = assemble(plain, [expert], options, routing)
+    merged = expert_model(plain, expert)
+    with torch.no_grad():
+        got, want = assembled(**batch).logits, merged(**batch).logits
+        untouched = plain(**batch).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(untouched, want, atol=1e-3)  # the LoRA does change the model
+
+
+def test_assembly_leaves_the_model_untouched_and_shares_its_weights(tiny_llava) -> None:
+    bundle = load_llava(tiny_llava)
+    plain, expert = one_expert(bundle)
+    before = {n: p.clone() for n, p in plain.named_parameters()}
+    assembled, _ = assemble(plain, [expert, expert], HiDeOptions(), Routing())
+    assert all(torch.equal(before[n], p) for n, p in plain.named_parameters())
+    assert all(isinstance(m, torch.nn.Linear) for n, m in plain.named_modules() if "q_proj" in n)
+    top_q = assembled.get_submodule("model.language_model.layers.1.self_attn.q_proj")
+    low_q = assembled.get_submodule("model.language_model.layers.0.self_attn.q_proj")
+    assert isinstance(top_q, RoutedLoRALinear) and isinstance(low_q, FusedLoRALinear)
+    assert top_q.base.weight is plain.get_submodule(
+        "model.language_model.layers.1.self_attn.q_proj").weight
+
+
+def test_table_3_layouts_and_parameters_loaded(tiny_llava) -> None:
+    bundle = load_llava(tiny_llava)
+    plain, expert = one_expert(bundle)
+    experts = [expert, expert]
+    modes = layer_modes(experts, "hide", 1, 2)
+    assert {m for n, m in modes.items() if ".layers.1." in n} == {"expand"}
+    assert {m for n, m in modes.items() if ".layers.0." in n} == {"merge"}
+    # one rank-r LoRA on a tiny layer: q, k, v, o (64 -> 64), gate, up (64 -> 128), down
+    text = plain.config.text_config
+    assert (text.hidden_size, text.intermediate_size) == (64, 128)
+    per_layer = RANK * (4 * (64 + 64) + 3 * (64 + 128))
+    anchors = 2 * (24 + 24)
+    expected = {  # (LoRA parameters kept, anchors): Table 3's count for two tasks
+        "hide": (2 * per_layer + per_layer, anchors),
+        "merge_all": (2 * per_layer, 0),
+        "merge_rest": (per_layer, 0),
+        "expand_all": (2 * 2 * per_layer, anchors),
+        "expand_rest": (2 * per_layer, anchors),
+    }
+    base = sum(p.numel() for p in plain.parameters())
+    for layout, (lora, anchor_count) in expected.items():
+        _, params = assemble(plain, experts, HiDeOptions(layout=layout), Routing())
+        assert (params.model, params.lora, params.anchors) == (base, lora, anchor_count), layout
+        assert params.total == base + lora + anchor_count
+
+
+# -- encoder and anchors -------------------------------------------------------------------------
+def test_a_missing_encoder_path_is_a_clear_error(tiny_llava, tmp_path) -> None:
+    bundle = load_llava(tiny_llava)
+    missing = tmp_path / "no-clip-here"
+    with pytest.raises(CLBenchError, match=f"text encoder folder {missing} does not exist"):
+        load_encoder(str(missing), bundle)
+
+
+def test_clip_and_llava_encoders(tiny_llava, tiny_clip) -> None:
+    bundle = load_llava(tiny_llava)
+    images = [load_image_of_colour((200, 30, 30)), load_image_of_colour((30, 30, 200))]
+    long_text = "What colour is the square? " * 40  # far beyond CLIP's 77 positions
+    for text_feature in ("pooled", "projected"):
+        encoder = load_encoder(str(tiny_clip), bundle, text_feature)
+        assert encoder.image_features(images).shape == (2, CLIP.projection_dim)
+        assert encoder.text_features(["red", long_text]).shape == (2, CLIP.projection_dim)
+    ids, mask = clip_text_batch(encoder.tokenizer, ["red", long_text], 77)
+    eos = encoder.tokenizer.eos_token_id
+    assert ids.shape[1] == 77 and ids[1, -1] == eos and ids[0, int(mask[0].sum()) - 1] == eos
+    llava = load_encoder("llava", bundle)
+    config = bundle.model.config
+    assert llava.image_features(images).shape == (2, config.vision_config.hidden_size)
+    assert llava.text_features(["red", long_text]).shape == (2, config.text_config.hidden_size)
+
+
+def load_image_of_colour(rgb):
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), rgb)
+
+
+def test_expert_files_round_trip_and_missing_anchors_are_named(tiny_llava, tmp_path) -> None:
+    bundle = load_llava(tiny_llava)
+    _, expert = one_expert(bundle)
+    expert.save(tmp_path)
+    (loaded,) = load_experts(tmp_path)
+    assert loaded.task == "ImageNet-R" and set(loaded.lora) == set(expert.lora)
+    name = next(iter(expert.lora))
+    assert torch.equal(loaded.lora[name].B, expert.lora[name].B)
+    assert loaded.lora[name].scaling == expert.lora[name].scaling
+    assert torch.equal(loaded.text_anchor, expert.text_anchor)
+    expert.text_anchor = None
+    expert.save(tmp_path)
+    with pytest.raises(CLBenchError, match="stage 1 \\(ImageNet-R\\) has no text anchor"):
+        load_experts(tmp_path)[0].check_anchors(tmp_path / expert.file_name)
+
+
+def test_options_are_checked(tiny_llava, ucit_root, tmp_path) -> None:
+    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    with pytest.raises(CLBenchError, match="method.layout='expand_top'"):
+        HiDeLLaVA(parse_options(HiDeLLaVA, {"layout": "expand_top"}), ctx)
+    with pytest.raises(CLBenchError, match="needs a feature encoder"):
+        HiDeLLaVA(HiDeOptions(), ctx)  # ucit (real) has no default encoder
+    with pytest.raises(CLBenchError, match="does not exist"):
+        HiDeLLaVA(HiDeOptions(encoder=str(tmp_path / "nothing")), ctx)
+    assert HiDeLLaVA(HiDeOptions(layout="merge_all"), ctx).encoder is None  # no routing
+
+
+def test_ablations_are_registered_methods() -> None:
+    expected = {
+        "hide_llava_merge_all": {"layout": "merge_all"},
+        "hide_llava_merge_rest": {"layout": "merge_rest"},
+        "hide_llava_expand_all": {"layout": "expand_all"},
+        "hide_llava_expand_rest": {"layout": "expand_rest"},
+        "hide_llava_image": {"image_weight": 1.0, "text_weight": 0.0},
+        "hide_llava_text": {"image_weight": 0.0, "text_weight": 1.0},
+    }
+    for name, values in expected.items():
+        options = get_method(name).Options()
+        assert {k: getattr(options, k) for k in values} == values, name
+
+
+# -- the method through its hooks -----------------------------------------------------------------
+def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
+    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    method = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)
+    model = ctx.bundle.model
+    for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):
+        model = method.before_stage(model, stage(index, task))
+        trained_like(model, index)
+        model = method.after_stage(model, stage(index, task))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert [e.task for e in method.experts] == ["ImageNet-R", "ArxivQA"]
+    for e in method.experts:  # eq. 2: anchors over the task's 8 training samples
+        assert e.anchor_samples == 8 and e.image_samples == 8
+        assert e.image_anchor.shape == (CLIP.projection_dim,)
+        assert (tmp_path / "hide_llava" / e.file_name).is_file()
+
+    evaluated = method.eval_model(model)
+    assert evaluated is not model
+    for task in ("ImageNet-R", "ArxivQA"):
+        samples = task_test_samples(ucit_root, task)
+        hook = lambda prompts, label=task: method.before_generate(evaluated, prompts, label)  # noqa: E731
+        answers = generate_answers(evaluated, ctx.bundle, samples, 3, 4, task, hook)
+        assert len(answers) == len(samples)
+    info = method.after_evaluation(stage(2, "ArxivQA"))
+    assert set(info["routing_accuracy"]) == {"ImageNet-R", "ArxivQA"}
+    assert info["params"]["lora"] > 0 and info["params"]["anchors"] == 2 * 2 * CLIP.projection_dim
+    with open(tmp_path / "routing" / "stage_2.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["evaluated", "ImageNet-R", "ArxivQA", "routing_accuracy"]
+    assert [sum(map(int, r[1:3])) for r in rows[1:]] == [4, 4]  # every test sample routed once
+
+    checkpoint = tmp_path / "checkpoints" / "stage_2"
+    method.save(model, checkpoint)
+    fresh = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)
+    fresh.load(checkpoint)
+    assert [e.task for e in fresh.experts] == ["ImageNet-R", "ArxivQA"]
+    expert_file = checkpoint / "hide_llava" / "task_2.safetensors"
+    broken = TaskExpert.load(expert_file)
+    broken.image_anchor = None
+    broken.save(expert_file.parent)
+    with pytest.raises(CLBenchError, match="stage 2 \\(ArxivQA\\) has no image anchor"):
+        HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx).load(checkpoint)
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_routing_and_parameters(
+    tiny_llava, ucit_root, tiny_clip, tmp_path
+) -> None:
+    from cl_bench.cli import main
+    from reports.run_folder import read_records
+
+    out = tmp_path / "run"
+    code = main([
+        "run", "--method", "hide_llava", "--suite", "ucit", "--data-root", str(ucit_root),
+        "--model", str(tiny_llava), "--quick", "--order", "RA", "--out", str(out),
+        "--set", f"method.encoder={tiny_clip}", "--set", "train.max_steps=2",
+    ])
+    assert code == 0
+    last = read_records(out)[-1]["method"]
+    assert last["layout"] == "hide" and last["params"]["total"] > last["params"]["model"]
+    assert set(last["routing_accuracy"]) == {"ImageNet-R", "ArxivQA"}
+    assert all((out / "routing" / f"stage_{t}.csv").is_file() for t in (1, 2))
+    report = (out / "report.md").read_text()
+    assert "## Method diagnostics" in report and "### Routing after stage 2" in report
+    assert sorted(p.name for p in (out / "checkpoints" / "stage_2" / "hide_llava").iterdir()) == [
+        "task_1.safetensors", "task_2.safetensors"]
+
+    # the run's stages re-assembled under every Table 3 layout; 'hide' reproduces the run
+    assert main(["analyze", "layouts", str(out), "--layouts", "hide,merge_rest"]) == 0
+    table = json.loads((out / "layouts" / "layouts.json").read_text())
+    run_matrix = [[r["scores"][t] for t in ("ImageNet-R", "ArxivQA")] for r in read_records(out)]
+    assert torch.allclose(torch.tensor(table["hide"]["matrix"]), torch.tensor(run_matrix))
+    assert table["merge_rest"]["params"]["lora"] < table["hide"]["params"]["lora"]
+    # CKA between the run's two task models, each on its own task's inputs
+    assert main(["analyze", "cka", "--run", str(out), "--limit", "4",
+                 "--out", str(tmp_path / "cka")]) == 0
+    assert (tmp_path / "cka" / "cka.csv").read_text().count("\n") == 1 + 2  # header + 2 layers
