@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models import ModelBundle, encode_prompt, load_image
-from cl_bench.training import collate_batch
+from cl_bench.models import ModelBundle
+from cl_bench.training import collate_batch, prompt_item
 from tasks.loaders import Sample, load_samples, load_test_samples
 
 FEATURE_POINTS = ("mlp", "block")
@@ -124,11 +124,7 @@ def layer_features(
     with _recording(modules, store, mask):
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            items = [
-                {"ids": encode_prompt(bundle, s.question, s.image is not None),
-                 "image": load_image(s.image) if s.image is not None else None}
-                for s in chunk
-            ]
+            items = [prompt_item(bundle, s.question, s.image) for s in chunk]
             batch = {k: v.to(device) for k, v in collate_batch(items, bundle).items()}
             mask[:] = [batch["attention_mask"]]
             model(**batch)

@@ -11,8 +11,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from cl_bench.models import ModelBundle, encode_prompt, load_image
-from cl_bench.training import collate_batch
+from cl_bench.models import ModelBundle
+from cl_bench.training import collate_batch, prompt_item
 from tasks.loaders import Sample
 from tasks.scoring import TaskScore, score_task
 
@@ -61,10 +61,7 @@ def generate_texts(
     texts: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         chunk = prompts[start : start + batch_size]
-        items = [
-            {"ids": encode_prompt(bundle, question, image is not None), "image": _image(image)}
-            for question, image in chunk
-        ]
+        items = [prompt_item(bundle, question, image) for question, image in chunk]
         if before_batch is not None:
             before_batch([(q, item["image"]) for (q, _), item in zip(chunk, items, strict=True)])
         batch = collate_batch(items, bundle, left_pad=True)
@@ -73,12 +70,6 @@ def generate_texts(
         decoded = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         texts += [text.strip() for text in decoded]
     return texts
-
-
-def _image(image: Path | Image.Image | None) -> Image.Image | None:
-    if image is None:
-        return None
-    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
 
 
 def generate_answers(

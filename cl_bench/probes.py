@@ -28,8 +28,8 @@ import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import BeforeBatch, generate_texts
-from cl_bench.models import ModelBundle, encode_prompt, load_image
-from cl_bench.training import collate_batch
+from cl_bench.models import ModelBundle
+from cl_bench.training import collate_batch, prompt_item
 from tasks.loaders import read_records
 
 PROBE_TOKENS = 64  # the runner gives the probes at least this many new tokens (full sentences)
@@ -146,11 +146,7 @@ def final_hidden_states(
     states: list[torch.Tensor] = []
     for start in range(0, len(inquiries), batch_size):
         chunk = inquiries[start : start + batch_size]
-        items = [
-            {"ids": encode_prompt(bundle, q.text, q.image is not None),
-             "image": load_image(q.image) if q.image is not None else None}
-            for q in chunk
-        ]
+        items = [prompt_item(bundle, q.text, q.image) for q in chunk]
         if before_batch is not None:
             before_batch([(q.text, item["image"]) for q, item in zip(chunk, items, strict=True)])
         batch = collate_batch(items, bundle)

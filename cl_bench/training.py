@@ -7,11 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from cl_bench.config import TrainConfig
-from cl_bench.models import IGNORE_INDEX, ModelBundle, encode_conversation, load_image
+from cl_bench.models import (
+    IGNORE_INDEX,
+    ModelBundle,
+    encode_conversation,
+    encode_prompt,
+    load_image,
+)
 from tasks.loaders import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], dict[str, torch.Tensor]]
@@ -32,6 +39,15 @@ class ConversationDataset(Dataset):
         ids, labels = encode_conversation(self.bundle, sample.turns, has_image, self.max_length)
         image = load_image(sample.image) if has_image else None
         return {"ids": ids, "labels": labels, "image": image}
+
+
+def prompt_item(bundle: ModelBundle, question: str, image: Path | Image.Image | None) -> dict:
+    """A one-turn prompt for ``collate_batch``: its ids and its image (a path is loaded)."""
+    if isinstance(image, Path):
+        image = load_image(image)
+    elif image is not None:
+        image = image.convert("RGB")
+    return {"ids": encode_prompt(bundle, question, image is not None), "image": image}
 
 
 def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False) -> dict:

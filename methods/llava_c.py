@@ -19,9 +19,8 @@ from cl_bench.deltas import LoraFactors, StageDelta, apply_delta, snapshot_train
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import generate_answers
 from cl_bench.method import Method, Stage
-from cl_bench.models import encode_prompt
 from cl_bench.registry import register_method
-from cl_bench.training import collate_batch
+from cl_bench.training import collate_batch, prompt_item
 from tasks.loaders import Sample, load_samples
 
 CONSOLIDATIONS = ("sac", "modelmix", "none")
@@ -115,7 +114,7 @@ class LlavaC(Method):
         random.Random(seed).shuffle(order)
         for start in itertools.cycle(range(0, len(order), size)):
             items = [
-                {"ids": encode_prompt(bundle, self.inquiries()[i].question, False), "image": None}
+                prompt_item(bundle, self.inquiries()[i].question, None)
                 for i in order[start : start + size]
             ]
             yield collate_batch(items, bundle)
