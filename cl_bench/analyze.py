@@ -30,6 +30,8 @@ def add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
     cka.add_argument("--task-b", help="task whose inputs model B sees (default: task A)")
     cka.add_argument("--run", type=Path, help="a hide_llava run folder: compare its task models")
     cka.add_argument("--tasks", help="with --run: comma-separated tasks (default: all)")
+    cka.add_argument("--inputs", help="with --run: every task model on this task's inputs "
+                     "(default: each model on its own task's inputs)")
     cka.add_argument("--suite", help="suite of the tasks (default: the run's, or ucit-micro)")
     cka.add_argument("--data-root", help="the suite's data folder (default as for clbench run)")
     cka.add_argument("--split", choices=["test", "train"], default="test")
@@ -78,14 +80,20 @@ def analyze_cka(args: argparse.Namespace) -> Path:
             experts = [e for e in experts if e.task in wanted]
         if len(experts) < 2:
             raise CLBenchError(f"{args.run}: CKA needs two task models or more, not {len(experts)}")
+        shared = _task_name(suite, args.inputs) if args.inputs else None
         for expert in experts:
             model = expert_model(base.model, expert)
+            inputs = shared or expert.task
             subjects.append(subject_features(
-                f"model({expert.task})", model, base, expert.task, samples(expert.task),
+                f"model({expert.task})", model, base, inputs, samples(inputs),
                 args.features, args.batch_size,
             ))
             del model
         title = f"Linear CKA between the task models of {args.run}"
+        if shared:
+            for s in subjects:  # label pairs by model when every model sees the same inputs
+                s.model, s.task = shared, s.model
+            title += f", all on {shared} inputs"
     else:
         if not args.task_a:
             raise CLBenchError("analyze cka: give --task-a (and --task-b), or --run RUN_DIR")

@@ -379,3 +379,6 @@ def test_end_to_end_run_writes_routing_and_parameters(
     assert main(["analyze", "cka", "--run", str(out), "--limit", "4",
                  "--out", str(tmp_path / "cka")]) == 0
     assert (tmp_path / "cka" / "cka.csv").read_text().count("\n") == 1 + 2  # header + 2 layers
+    assert main(["analyze", "cka", "--run", str(out), "--inputs", "R", "--limit", "4",
+                 "--out", str(tmp_path / "cka_same")]) == 0
+    assert "model(ArxivQA)" in (tmp_path / "cka_same" / "cka.md").read_text()
