@@ -32,14 +32,14 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"  {suite.name}: {suite.description}\n      {order}")
     print("Methods:")
     for entry in sorted(index_methods().values(), key=lambda e: e.name):
-        print(f"  {entry.name}: {entry.summary}")
+        print(f"  {entry.label}: {entry.summary}")
 
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> None:
     from cl_bench import config
     from cl_bench.registry import get_suite
-    from cl_bench.runner import run
+    from cl_bench.running.runner import run
 
     def suite_defaults(name: str) -> dict:
         return get_suite(name).defaults
@@ -77,21 +77,33 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 @command("sweep-alpha")
 def cmd_sweep_alpha(args: argparse.Namespace) -> None:
-    from cl_bench.sweep import parse_alphas, sweep_alpha
+    from cl_bench.analysis.sweep import parse_alphas, sweep_alpha
 
-    print(sweep_alpha(args.run_dir, args.stage, parse_alphas(args.alphas), args.consolidation))
+    overrides = method_sets(args.set)
+    if args.consolidation:
+        overrides["consolidation"] = args.consolidation
+    print(sweep_alpha(args.run_dir, args.stage, parse_alphas(args.alphas), overrides))
+
+
+def method_sets(items: list[str]) -> dict[str, str]:
+    """``--set method.KEY=VALUE`` items as method options (values converted by the method)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("method."):
+            raise CLBenchError(f"--set {item!r}: expected method.KEY=VALUE")
+        options[key.removeprefix("method.")] = value
+    return options
 
 
 @command("analyze")
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from cl_bench.analyze import ANALYSES
-
-    print(ANALYSES[args.kind](args))
+    print(args.handler(args))
 
 
 @command("base")
 def cmd_base(args: argparse.Namespace) -> None:
-    from cl_bench.runner import cache_dir
+    from cl_bench.running.runner import cache_dir
     from tasks.micro.base import micro_base_model
 
     print(micro_base_model(cache_dir(), force=args.force))
@@ -110,7 +122,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     from cl_bench.config import RunConfig
     from cl_bench.registry import get_suite
-    from cl_bench.runner import resolve_data_root
+    from cl_bench.running.runner import resolve_data_root
     from tasks.data_check import check_suite_data
 
     suite = get_suite(args.suite or RunConfig().suite)
@@ -146,16 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md of a run folder")
     report.add_argument("run_dir", type=Path)
 
-    sweep = sub.add_parser("sweep-alpha", help="re-consolidate a stage of a llava_c-family run "
+    sweep = sub.add_parser("sweep-alpha", help="re-consolidate a stage of a run (llava_c, "
+                           "modelmix: methods that consolidate stored updates) "
                            "for many alphas and re-evaluate, without retraining")
     sweep.add_argument("run_dir", type=Path)
     sweep.add_argument("--stage", type=int, required=True, help="the stage to re-consolidate")
     sweep.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a list (0,0.2)")
-    sweep.add_argument("--consolidation", choices=["sac", "modelmix"], default="sac")
+    sweep.add_argument("--consolidation", help="the swept stage's method.consolidation (e.g. "
+                       "sac, modelmix; default: the run's)")
+    sweep.add_argument("--set", action="append", default=[], metavar="method.KEY=VALUE",
+                       help="another method option for the swept stage")
 
-    from cl_bench.analyze import add_analysis_parsers
+    from cl_bench.analysis.commands import add_analysis_parsers
 
-    analyze = sub.add_parser("analyze", help="analyses of models and runs (cka, layouts)")
+    analyze = sub.add_parser("analyze", help="analyses of models and runs (cka, and those the "
+                             "methods offer, e.g. layouts)")
     add_analysis_parsers(analyze.add_subparsers(dest="kind", required=True))
 
     data = sub.add_parser("data", help="check a suite's data folder (check), or split "

@@ -139,11 +139,14 @@ def set_key(cfg: RunConfig, dotted: str, value: Any, source: str = "--set") -> N
 
 def convert_value(value: Any, hint: Any, key: str, source: str) -> Any:
     """``value`` (a string from the command line, or a YAML scalar) as type ``hint``."""
-    if isinstance(value, str):
-        value = yaml.safe_load(value) if value.strip() not in ("", "None", "none") else None
     args = [a for a in get_args(hint) if a is not type(None)]
     optional = type(None) in get_args(hint)
     base = args[0] if optional and len(args) == 1 else hint
+    if isinstance(value, str):
+        if value.strip() in ("", "None", "none"):
+            value = value if base is str and not optional else None  # "none" is a str value
+        else:
+            value = yaml.safe_load(value)
     if value is None:
         if optional or hint is Any:
             return None

@@ -5,13 +5,17 @@ The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
 (consolidation) -> evaluation of every task on ``eval_model`` (``before_generate`` before each
 generation batch) -> ``after_evaluation`` -> ``save``. A method sees only the current stage's
 tasks, never the future ones.
+
+Two optional hooks serve the generic analyses of a finished run: ``consolidation`` (methods that
+mix each stage's stored update with a ratio alpha: ``clbench sweep-alpha``) and ``task_models``
+(methods that keep one model per task: ``clbench analyze cka --run``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,7 +25,9 @@ import torch
 
 from cl_bench.config import RunConfig, convert_value
 from cl_bench.errors import CLBenchError
-from cl_bench.models import ModelBundle, add_lora, load_llava, merge_lora
+from cl_bench.models.deltas import LoraFactors
+from cl_bench.models.llava import ModelBundle, load_llava
+from cl_bench.models.lora import add_lora, merge_lora
 from tasks.loaders import Sample, load_samples
 from tasks.suite import Suite, TaskSpec
 
@@ -112,6 +118,27 @@ class Method:
     def after_evaluation(self, stage: Stage) -> dict:
         """Diagnostics of the stage's evaluation, stored in its record under ``method`` (JSON)."""
         return {}
+
+    # -- analyses of a finished run --------------------------------------------------------
+    def consolidation(
+        self, update: LoraFactors | torch.Tensor
+    ) -> Callable[[float | None], torch.Tensor]:
+        """For methods that consolidate each stage's stored update (``deltas/``) with a mix ratio:
+        a function from alpha (None: the run's own) to the consolidated update, so that an alpha
+        sweep decomposes each update once."""
+        raise CLBenchError(
+            f"method {self.context.config.method} does not consolidate stored stage updates "
+            "with a mix ratio alpha"
+        )
+
+    def task_models(
+        self, run_dir: Path, model: torch.nn.Module
+    ) -> Iterator[tuple[str, torch.nn.Module]]:
+        """For methods that keep one model per task: (task, that task's model built on the
+        starting ``model``) for each task of the run in ``run_dir``, one at a time."""
+        raise CLBenchError(
+            f"method {self.context.config.method} keeps no per-task models to analyse"
+        )
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:

@@ -12,29 +12,21 @@ import torch
 from transformers import AutoTokenizer
 
 from cl_bench.config import RunConfig
-from cl_bench.deltas import LoraFactors, stage_delta
-from cl_bench.encoders import clip_text_batch, load_encoder
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import generate_answers
+from cl_bench.evaluation.generation import generate_answers
 from cl_bench.method import MethodContext, Stage, parse_options
-from cl_bench.models import add_lora, encode_prompt, load_image, load_llava
+from cl_bench.models.batching import collate_batch
+from cl_bench.models.deltas import LoraFactors, stage_delta
+from cl_bench.models.encoders import clip_text_batch, load_encoder
+from cl_bench.models.llava import encode_prompt, load_image, load_llava
+from cl_bench.models.lora import add_lora
 from cl_bench.registry import get_method, get_suite
-from cl_bench.training import collate_batch
-from methods.hide_llava import (
-    FusedLoRALinear,
-    HiDeLLaVA,
-    HiDeOptions,
-    RoutedLoRALinear,
-    Routing,
-    TaskExpert,
-    anchor_similarity,
-    assemble,
-    expert_model,
-    fused_factors,
-    layer_modes,
-    load_experts,
-    routing_weights,
-)
+from methods.hide_llava.assembly import assemble, layer_modes
+from methods.hide_llava.experts import TaskExpert, expert_model, load_experts
+from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
+from methods.hide_llava.method import HiDeLLaVA
+from methods.hide_llava.options import HiDeOptions
+from methods.hide_llava.routing import RoutedLoRALinear, Routing, anchor_similarity, routing_weights
 from tasks.loaders import load_samples
 from tasks.micro.model import TinyConfig, build_clip, image_processor
 
@@ -298,7 +290,7 @@ def test_ablations_are_registered_methods() -> None:
         "hide_llava_text": {"image_weight": 0.0, "text_weight": 1.0},
     }
     for name, values in expected.items():
-        options = get_method(name).Options()
+        options = get_method(name).options({})
         assert {k: getattr(options, k) for k in values} == values, name
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import BeforeBatch, generate_texts
-from cl_bench.models import ModelBundle
-from cl_bench.training import collate_batch, prompt_item
+from cl_bench.evaluation.generation import BeforeBatch, generate_texts
+from cl_bench.models.batching import collate_batch, prompt_item
+from cl_bench.models.llava import ModelBundle
 from tasks.loaders import read_records
 
 PROBE_TOKENS = 64  # the runner gives the probes at least this many new tokens (full sentences)

@@ -2,25 +2,38 @@
 
 LLaVA-c (Algorithm 1): each stage trains a fresh LoRA (and the projector) from the consolidated
 model with L = L_llava + L_uir, then consolidates the update with SAC and merges it. ModelMix
-and the paper's ablations (Table 4, Figure 9) are the same method with other options.
+and the paper's ablations (Table 4, Figure 9) are the same method with other options
+(``variants.yaml``).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from cl_bench.consolidation import check_alpha, modelmix_delta, sac_delta, sac_lora_factors
-from cl_bench.deltas import LoraFactors, StageDelta, apply_delta, snapshot_trainable, stage_delta
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import generate_answers
+from cl_bench.evaluation.generation import generate_answers
 from cl_bench.method import Method, Stage
+from cl_bench.models.batching import collate_batch, prompt_item
+from cl_bench.models.deltas import (
+    LoraFactors,
+    apply_delta,
+    delta_path,
+    snapshot_trainable,
+    stage_delta,
+)
 from cl_bench.registry import register_method
-from cl_bench.training import collate_batch, prompt_item
+from methods.llava_c.consolidation import (
+    apply_sac,
+    check_alpha,
+    lora_spectrum,
+    modelmix_delta,
+    sac_delta,
+)
 from tasks.loaders import Sample, load_samples
 
 CONSOLIDATIONS = ("sac", "modelmix", "none")
@@ -39,24 +52,32 @@ class LlavaCOptions:
     inquiry_batch: int = 0
 
 
-def consolidator(consolidation: str, alpha: float, boundary: str):
-    """The function mapping a raw update (LoRA factors or tensor) to its consolidated delta."""
-    check_alpha(alpha)
+Update = LoraFactors | torch.Tensor
+AtAlpha = Callable[[float], torch.Tensor]
+
+
+def consolidator(consolidation: str, boundary: str) -> Callable[[Update], AtAlpha]:
+    """update -> (alpha -> its consolidated delta); a LoRA is decomposed once for all alphas."""
     if consolidation not in CONSOLIDATIONS:
         raise CLBenchError(f"consolidation {consolidation!r}: expected one of {CONSOLIDATIONS}")
 
-    def consolidate(update: LoraFactors | torch.Tensor) -> torch.Tensor:
-        if consolidation == "none":
-            return update.product() if isinstance(update, LoraFactors) else update
-        if consolidation == "modelmix":
-            full = update.product() if isinstance(update, LoraFactors) else update
-            return modelmix_delta(full, alpha)  # LLaVA-c eq. 4
-        if isinstance(update, LoraFactors):
-            P, Q = sac_lora_factors(update.B, update.A, update.scaling, alpha, boundary)
-            return P @ Q  # LLaVA-c eq. 5-7, factored path
-        return sac_delta(update, alpha, boundary)  # LLaVA-c eq. 5-7, full SVD path
+    def for_update(update: Update) -> AtAlpha:
+        if consolidation == "sac" and isinstance(update, LoraFactors):
+            spectrum = lora_spectrum(update.B, update.A, update.scaling)
 
-    return consolidate
+            def factored(alpha: float) -> torch.Tensor:
+                P, Q = apply_sac(spectrum, alpha, boundary)
+                return P @ Q  # LLaVA-c eq. 5-7, factored path
+
+            return factored
+        full = update.product() if isinstance(update, LoraFactors) else update
+        if consolidation == "sac":
+            return lambda alpha: sac_delta(full, alpha, boundary)  # LLaVA-c eq. 5-7, full SVD
+        if consolidation == "modelmix":
+            return lambda alpha: modelmix_delta(full, alpha)  # LLaVA-c eq. 4
+        return lambda alpha: full
+
+    return for_update
 
 
 def hidden_distance(current: torch.Tensor, previous: torch.Tensor, mask: torch.Tensor,
@@ -88,7 +109,8 @@ class LlavaC(Method):
         super().__init__(options, context)
         if options.uir not in REGULARIZERS:
             raise CLBenchError(f"method.uir={options.uir!r}: expected one of {REGULARIZERS}")
-        self.consolidate = consolidator(options.consolidation, options.alpha, options.boundary)
+        check_alpha(options.alpha)
+        self.consolidator = consolidator(options.consolidation, options.boundary)
         self.before: dict[str, torch.Tensor] = {}
         self.inquiry_batches: Iterator[dict] | None = None
         self._inquiries: list[Sample] | None = None
@@ -158,80 +180,13 @@ class LlavaC(Method):
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Store the raw update, then merge its consolidated version (Algorithm 1)."""
         delta = stage_delta(model, self.before)
-        delta.save(self.context.run_dir / "deltas" / f"stage_{stage.index}.safetensors")
+        delta.save(delta_path(self.context.run_dir, stage.index))
         plain = model.unload()
-        apply_delta(plain, delta, self.consolidate, base=self.before)
+        apply_delta(plain, delta, lambda u: self.consolidation(u)(None), base=self.before)
         self.inquiry_batches = None
         return plain
 
-
-@dataclass
-class ModelMixOptions(LlavaCOptions):
-    consolidation: str = "modelmix"
-    uir: str = "none"
-
-
-@register_method("modelmix")
-class ModelMix(LlavaC):
-    """ModelMix: uniform alpha on each stage's update (LLaVA-c eq. 4), no UIR."""
-
-    Options = ModelMixOptions
-
-
-@dataclass
-class SacOnlyOptions(LlavaCOptions):
-    uir: str = "none"
-
-
-@register_method("llava_c_sac")
-class LlavaCSacOnly(LlavaC):
-    """LLaVA-c ablation '+SAC' (Table 4): SAC consolidation without UIR."""
-
-    Options = SacOnlyOptions
-
-
-@dataclass
-class UirOnlyOptions(LlavaCOptions):
-    consolidation: str = "none"
-
-
-@register_method("llava_c_uir")
-class LlavaCUirOnly(LlavaC):
-    """LLaVA-c ablation '+UIR' (Table 4): UIR while training, plain merge (no mixing)."""
-
-    Options = UirOnlyOptions
-
-
-@dataclass
-class ReplayOptions(LlavaCOptions):
-    uir: str = "replay"
-
-
-@register_method("llava_c_replay")
-class LlavaCReplay(LlavaC):
-    """LLaVA-c ablation 'data-replay' (Fig. 9): inquiries with synthetic labels, plus SAC."""
-
-    Options = ReplayOptions
-
-
-@dataclass
-class ForwardKLOptions(LlavaCOptions):
-    uir: str = "fkl"
-
-
-@register_method("llava_c_fkl")
-class LlavaCForwardKL(LlavaC):
-    """LLaVA-c ablation 'FKL' (Fig. 9): forward KL on inquiry logits instead of MSE, plus SAC."""
-
-    Options = ForwardKLOptions
-
-
-def stored_delta(run_dir, stage: int) -> StageDelta:
-    """The raw update a llava_c-family run stored for ``stage``."""
-    path = run_dir / "deltas" / f"stage_{stage}.safetensors"
-    if not path.exists():
-        raise CLBenchError(
-            f"{run_dir}: no stored delta for stage {stage} ({path.name}); only llava_c-family "
-            "runs (llava_c, modelmix, ablations) store their raw updates"
-        )
-    return StageDelta.load(path)
+    def consolidation(self, update: Update) -> Callable[[float | None], torch.Tensor]:
+        """alpha (None: the run's ``method.alpha``) -> the consolidated update."""
+        at = self.consolidator(update)
+        return lambda alpha=None: at(check_alpha(self.options.alpha if alpha is None else alpha))

@@ -1,34 +1,33 @@
 """Post-hoc alpha sweep (LLaVA-c Figure 4): re-consolidate a stage for many alphas, no retraining.
 
-The model before stage T is rebuilt from the starting model and the stored raw updates of
-stages 1..T-1 (consolidated as the run did); then, for each alpha, stage T's stored update is
-consolidated with that alpha and every task (and general benchmark) is evaluated.
+For runs of methods that consolidate each stage's stored update with a mix ratio (the method's
+``consolidation`` hook: LLaVA-c, ModelMix). The model before stage T is rebuilt from the starting
+model and the stored raw updates of stages 1..T-1 (consolidated as the run did); then, for each
+alpha, stage T's stored update is consolidated with that alpha (and any method options given
+for the sweep) and every task (and general benchmark) is evaluated.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from cl_bench import degradation
-from cl_bench.consolidation import apply_sac, check_alpha, lora_spectrum, modelmix_delta, sac_delta
-from cl_bench.deltas import LoraFactors, StageDelta, apply_delta
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import evaluate_task
-from cl_bench.general import evaluate_general
-from cl_bench.method import MethodContext, parse_options
-from cl_bench.models import load_llava
+from cl_bench.evaluation import degradation
+from cl_bench.evaluation.general import evaluate_general
+from cl_bench.evaluation.generation import evaluate_task
+from cl_bench.method import Method, MethodContext
+from cl_bench.models.deltas import StageDelta, apply_delta, load_stage_delta
+from cl_bench.models.llava import load_llava
 from cl_bench.registry import get_method, get_suite
-from cl_bench.runner import RunFolder, load_test_sets, log, resolve_data_root, resolve_model
-from methods.llava_c import consolidator, stored_delta
-
-SWEEP_CONSOLIDATIONS = ("sac", "modelmix")
+from cl_bench.running.run_folder import RunFolder
+from cl_bench.running.runner import load_test_sets, log, resolve_data_root, resolve_model
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -47,28 +46,10 @@ def parse_alphas(text: str) -> list[float]:
         ) from None
     if not values:
         raise CLBenchError(f"--alphas {text!r} gives no alpha")
-    return [check_alpha(a) for a in values]
-
-
-@dataclass
-class SweepConsolidator:
-    """Consolidates one stored update for any alpha, decomposing each LoRA update only once."""
-
-    kind: str
-    boundary: str
-    _spectra: dict[int, object]
-
-    def __call__(self, update: LoraFactors | torch.Tensor, alpha: float) -> torch.Tensor:
-        if self.kind == "modelmix":
-            full = update.product() if isinstance(update, LoraFactors) else update
-            return modelmix_delta(full, alpha)  # LLaVA-c eq. 4
-        if isinstance(update, LoraFactors):
-            key = id(update)
-            if key not in self._spectra:
-                self._spectra[key] = lora_spectrum(update.B, update.A, update.scaling)
-            P, Q = apply_sac(self._spectra[key], alpha, self.boundary)
-            return P @ Q  # LLaVA-c eq. 5-7, factored path
-        return sac_delta(update, alpha, self.boundary)  # LLaVA-c eq. 5-7, full path
+    bad = [a for a in values if not 0.0 <= a <= 1.0]
+    if bad:
+        raise CLBenchError(f"--alphas {text!r}: alpha must be in [0, 1], got {bad[0]}")
+    return values
 
 
 def touched(model: torch.nn.Module, delta: StageDelta) -> dict[str, torch.Tensor]:
@@ -78,38 +59,48 @@ def touched(model: torch.nn.Module, delta: StageDelta) -> dict[str, torch.Tensor
     return {n: params[n] for n in names}
 
 
-def sweep_alpha(run_dir: Path, stage: int, alphas: list[float], consolidation: str) -> Path:
-    """Evaluate stage ``stage`` of a llava_c-family run re-consolidated with each alpha."""
-    if consolidation not in SWEEP_CONSOLIDATIONS:
-        raise CLBenchError(f"--consolidation {consolidation!r}: expected {SWEEP_CONSOLIDATIONS}")
+def sweep_alpha(
+    run_dir: Path, stage: int, alphas: list[float], overrides: dict[str, Any] | None = None
+) -> Path:
+    """Evaluate stage ``stage`` of a run re-consolidated with each alpha; ``overrides`` are
+    method options for the swept stage only (e.g. ``{"consolidation": "modelmix"}``)."""
     folder = RunFolder(Path(run_dir))
     if not (folder.path / "config.yaml").exists():
         raise CLBenchError(f"{run_dir} holds no run (no config.yaml)")
     cfg = folder.read_config()
-    method = get_method(cfg.method)
-    if "consolidation" not in {f.name for f in dataclasses.fields(method.Options)}:
+    spec = get_method(cfg.method)
+    if spec.cls.consolidation is Method.consolidation:
         raise CLBenchError(
-            f"{run_dir} is a {cfg.method} run, which stores no deltas; sweep a llava_c-family run"
+            f"{run_dir} is a {cfg.method} run, which stores no deltas to re-consolidate; sweep a "
+            "run of a method that consolidates its stage updates (llava_c, modelmix, ...)"
         )
-    options = parse_options(method, cfg.method_options)
+    run_options = spec.options(cfg.method_options)
+    swept_options = spec.options({**cfg.method_options, **(overrides or {})})
     if stage < 1:
         raise CLBenchError(f"--stage {stage}: stages start at 1")
-    deltas = [stored_delta(folder.path, s) for s in range(1, stage + 1)]
+    deltas = [load_stage_delta(folder.path, s) for s in range(1, stage + 1)]
     suite = get_suite(cfg.suite)
     tasks = suite.resolve_order(cfg.order)
     data_root = resolve_data_root(suite, cfg)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
     bundle = load_llava(resolve_model(suite, cfg))
+    ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
+    run_method, swept = spec.cls(run_options, ctx), spec.cls(swept_options, ctx)
     model = bundle.model
     with torch.no_grad():
-        run_consolidate = consolidator(options.consolidation, options.alpha, options.boundary)
         for delta in deltas[:-1]:
-            apply_delta(model, delta, run_consolidate)
+            apply_delta(model, delta, lambda u: run_method.consolidation(u)(None))
         saved = {n: t.detach().clone() for n, t in touched(model, deltas[-1]).items()}
-    ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
+    at_alpha: dict[int, Callable[[float | None], torch.Tensor]] = {}
+
+    def consolidate(update, alpha: float) -> torch.Tensor:
+        if id(update) not in at_alpha:  # each update of the swept stage is decomposed once
+            at_alpha[id(update)] = swept.consolidation(update)
+        return at_alpha[id(update)](alpha)
+
     benchmarks = degradation.prepare(ctx, tasks, []).benchmarks
-    consolidate = SweepConsolidator(consolidation, options.boundary, {})
-    out = folder.path / "sweeps" / f"stage_{stage}_{consolidation}"
+    label = "_".join(str(v) for _, v in sorted((overrides or {}).items()))
+    out = folder.path / "sweeps" / (f"stage_{stage}_{label}" if label else f"stage_{stage}")
     rows = []
     for alpha in alphas:
         t0 = time.time()

@@ -1,9 +1,7 @@
 """The one sequential runner: evaluate the start, then train, consolidate and evaluate per stage.
 
-The run folder is the contract with reports and resume:
-``config.yaml``, ``matrix.csv``, ``records.jsonl`` (one line per completed stage),
-``summary.json``, ``predictions/stage_<t>/<task>.jsonl``, ``report.md`` and
-``checkpoints/stage_<t>/`` (the latest completed stage only).
+Everything it writes goes through the run folder (``cl_bench.running.run_folder``), the contract
+with reports and resume.
 """
 
 from __future__ import annotations
@@ -15,22 +13,20 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from cl_bench import degradation
-from cl_bench.config import RunConfig, from_dict, to_dict
+from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import TaskResult, evaluate_task
-from cl_bench.method import Method, MethodContext, Stage, parse_options
+from cl_bench.evaluation import degradation
+from cl_bench.evaluation.generation import TaskResult, evaluate_task
+from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.metrics import summarize
-from cl_bench.models import load_llava
+from cl_bench.models.llava import load_llava
 from cl_bench.registry import call_target, get_method, get_suite
-from cl_bench.training import train_model
+from cl_bench.running.run_folder import RunFolder, create_folder, reopen_folder
+from cl_bench.running.training import train_model
 from tasks.data_check import require_valid_data
-from tasks.loaders import Sample, load_test_samples
+from tasks.loaders import load_test_samples
 from tasks.suite import Suite, TaskSpec
 
 
@@ -74,81 +70,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class RunFolder:
-    """Reads and writes the files of one run."""
-
-    path: Path
-
-    def records(self) -> list[dict]:
-        file = self.path / "records.jsonl"
-        if not file.exists():
-            return []
-        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-
-    def append_record(self, record: dict) -> None:
-        with open(self.path / "records.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def write_config(self, cfg: RunConfig) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    def read_config(self) -> RunConfig:
-        return from_dict(yaml.safe_load((self.path / "config.yaml").read_text()), "config.yaml")
-
-    def write_predictions(self, stage: int, result: TaskResult, samples: list[Sample]) -> None:
-        folder = self.path / "predictions" / f"stage_{stage}"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{result.task}.jsonl", "w") as f:
-            for s in samples:
-                row = {
-                    "question_id": s.id,
-                    "question": s.question,
-                    "prediction": result.predictions[s.id],
-                    "references": list(s.references),
-                    "score": result.score.per_sample.get(s.id),
-                }
-                f.write(json.dumps(row) + "\n")
-
-    def write_matrix(self, tasks: list[str]) -> list[list[float]]:
-        rows = self.records()
-        lines = [",".join(["stage", "trained_on", *tasks])]
-        for r in rows:
-            scores = [f"{r['scores'][t]:.2f}" for t in tasks]
-            lines.append(",".join([str(r["stage"]), "+".join(r["trained_on"]) or "-", *scores]))
-        (self.path / "matrix.csv").write_text("\n".join(lines) + "\n")
-        return [[r["scores"][t] for t in tasks] for r in rows]
-
-    def checkpoint(self, stage: int) -> Path:
-        return self.path / "checkpoints" / f"stage_{stage}"
-
-
-def run_path(cfg: RunConfig) -> Path:
-    return Path(cfg.out or f"runs/{cfg.suite}-{cfg.method}-seed{cfg.seed}").expanduser()
-
-
-def reopen_folder(cfg: RunConfig) -> RunFolder:
-    """The run folder to resume."""
-    path = run_path(cfg)
-    if not (path / "config.yaml").exists():
-        raise CLBenchError(f"--resume: {path} holds no run (no config.yaml)")
-    return RunFolder(path)
-
-
-def create_folder(cfg: RunConfig) -> RunFolder:
-    """A new run folder with its config; never overwrites a run already there."""
-    path = run_path(cfg)
-    if (path / "records.jsonl").exists():
-        raise CLBenchError(
-            f"run folder {path} already holds a run: use --resume to continue it, "
-            "or --out for a new folder"
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    folder = RunFolder(path)
-    folder.write_config(cfg)
-    return folder
 
 
 def load_test_sets(suite: Suite, tasks: list[TaskSpec], root: Path, cfg: RunConfig) -> dict:
@@ -202,8 +123,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         cfg = RunFolder(path).read_config()
         cfg.out = str(path)
     suite = get_suite(cfg.suite)
-    method_cls: type[Method] = get_method(cfg.method)
-    options = parse_options(method_cls, cfg.method_options)
+    spec = get_method(cfg.method)
+    options = spec.options(cfg.method_options)
     tasks = suite.resolve_order(cfg.order)
     folder = reopen_folder(cfg) if resume else create_folder(cfg)
     data_root = resolve_data_root(suite, cfg)
@@ -211,7 +132,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
     bundle = load_llava(resolve_model(suite, cfg))
     ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
-    method = method_cls(options, ctx)
+    method: Method = spec.cls(options, ctx)
     stages = method.plan(tasks)
     for stage in stages:
         for task in stage.tasks:

@@ -1,8 +1,8 @@
 """cl-bench's lmms-eval model: the model as a method assembled it, answering lmms-eval requests.
 
-Imported only when lmms-eval is installed (``cl_bench.general`` checks first). It wraps the live
-model (no copy) and answers ``generate_until`` through the harness's batched greedy generation,
-with the LLaVA-1.5 prompt the tasks are scored with.
+Imported only when lmms-eval is installed (``cl_bench.evaluation.general`` checks first). It
+wraps the live model (no copy) and answers ``generate_until`` through the harness's batched
+greedy generation, with the LLaVA-1.5 prompt the tasks are scored with.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import BeforeBatch, generate_texts
-from cl_bench.models import ModelBundle, encode_prompt, load_image
-from cl_bench.training import collate_batch
+from cl_bench.evaluation.generation import BeforeBatch, generate_texts
+from cl_bench.models.batching import collate_batch
+from cl_bench.models.llava import ModelBundle, encode_prompt, load_image
 
 IMAGE_PLACEHOLDER = "<image>"
 

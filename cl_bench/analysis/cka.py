@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models import ModelBundle
-from cl_bench.training import collate_batch, prompt_item
+from cl_bench.models.batching import collate_batch, prompt_item
+from cl_bench.models.llava import ModelBundle
 from tasks.loaders import Sample, load_samples, load_test_samples
 
 FEATURE_POINTS = ("mlp", "block")

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cl_bench.general import (
+from cl_bench.evaluation.general import (
     evaluate_general,
     lmms_eval_error,
     require_lmms_eval,
     resolve_benchmarks,
 )
-from cl_bench.method import Method, MethodContext, Stage
-from cl_bench.probes import (
+from cl_bench.evaluation.probes import (
     PROBE_TOKENS,
     Inquiry,
     Matcher,
@@ -32,6 +31,7 @@ from cl_bench.probes import (
     run_probes,
     subset,
 )
+from cl_bench.method import Method, MethodContext, Stage
 from tasks.suite import TaskSpec
 
 INSTALL_NOTE = "pip install 'cl-bench[lmms]'"

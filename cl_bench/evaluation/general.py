@@ -1,11 +1,11 @@
 """General benchmarks through lmms-eval, in process, on the model as a method assembles it.
 
-``evaluate_general`` wraps the live model as an lmms-eval model (``cl_bench.lmms_model``, no
-second copy), runs the named lmms-eval tasks (the micro world's local ones from
-``tasks.micro.bench``, or any task of lmms-eval's own) and writes ``results.json`` and one
-``<task>.jsonl`` of predictions per task into the stage's folder. lmms-eval is an optional extra;
-``preserved_global_state`` keeps its side effects (reseeded RNGs, logging changes, rank variables)
-out of the training process.
+``evaluate_general`` wraps the live model as an lmms-eval model
+(``cl_bench.evaluation.lmms_model``, no second copy), runs the named lmms-eval tasks (the micro
+world's local ones from ``tasks.micro.bench``, or any task of lmms-eval's own) and writes
+``results.json`` and one ``<task>.jsonl`` of predictions per task into the stage's folder.
+lmms-eval is an optional extra; ``preserved_global_state`` keeps its side effects (reseeded RNGs,
+logging changes, rank variables) out of the training process.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation import BeforeBatch
-from cl_bench.models import ModelBundle
+from cl_bench.evaluation.generation import BeforeBatch
+from cl_bench.models.llava import ModelBundle
 
 INSTALL_HINT = "pip install 'cl-bench[lmms]' && pip uninstall -y torchvision"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -163,7 +163,7 @@ def _run_lmms_eval(
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from cl_bench.lmms_model import ClBenchLMM
+    from cl_bench.evaluation.lmms_model import ClBenchLMM
 
     builtin = [b for b in benchmarks if not (task_dir / f"{b}.yaml").exists()]
     manager = TaskManager(

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models import ModelBundle
+from cl_bench.models.llava import ModelBundle
 
 TEXT_FEATURES = ("pooled", "projected")
 LLAVA_ENCODER = "llava"

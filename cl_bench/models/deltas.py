@@ -67,6 +67,22 @@ class StageDelta:
         return delta
 
 
+def delta_path(run_dir: Path, stage: int) -> Path:
+    """Where a method that stores its raw stage updates keeps stage ``stage``'s."""
+    return run_dir / "deltas" / f"stage_{stage}.safetensors"
+
+
+def load_stage_delta(run_dir: Path, stage: int) -> StageDelta:
+    """The raw update stored for ``stage`` in a run folder."""
+    path = delta_path(run_dir, stage)
+    if not path.exists():
+        raise CLBenchError(
+            f"{run_dir}: no stored delta for stage {stage} ({path.name}); only methods that "
+            "consolidate stored updates (llava_c, modelmix and their ablations) store them"
+        )
+    return StageDelta.load(path)
+
+
 def strip_prefix(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 

@@ -11,8 +11,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from cl_bench.models import ModelBundle
-from cl_bench.training import collate_batch, prompt_item
+from cl_bench.models.batching import collate_batch, prompt_item
+from cl_bench.models.llava import ModelBundle
 from tasks.loaders import Sample
 from tasks.scoring import TaskScore, score_task
 

@@ -1,0 +1,123 @@
+"""What each HiDe-LLaVA stage leaves behind (its LoRA, projector and anchors), stored and
+reloaded, and a task's own model rebuilt from it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cl_bench.errors import CLBenchError
+from cl_bench.models.deltas import LoraFactors
+
+
+# -- stored experts ------------------------------------------------------------------------------
+@dataclass
+class TaskExpert:
+    """What one stage leaves behind: its LoRA factors, projector and anchors (eq. 2)."""
+
+    task: str
+    stage: int
+    lora: dict[str, LoraFactors]
+    projector: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_anchor: torch.Tensor | None = None
+    text_anchor: torch.Tensor | None = None
+    anchor_samples: int = 0
+    image_samples: int = 0
+    encoder: str = ""
+
+    @property
+    def file_name(self) -> str:
+        return f"task_{self.stage}.safetensors"
+
+    def save(self, folder: Path) -> Path:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, f in self.lora.items():
+            tensors[f"lora::{name}::A"], tensors[f"lora::{name}::B"] = f.A, f.B
+        tensors |= {f"projector::{name}": t for name, t in self.projector.items()}
+        if self.image_anchor is not None:
+            tensors["anchor::image"] = self.image_anchor
+        if self.text_anchor is not None:
+            tensors["anchor::text"] = self.text_anchor
+        meta = {
+            "task": self.task, "stage": str(self.stage), "encoder": self.encoder,
+            "anchor_samples": str(self.anchor_samples), "image_samples": str(self.image_samples),
+            "scalings": json.dumps({name: f.scaling for name, f in self.lora.items()}),
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / self.file_name
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), meta)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> TaskExpert:
+        if not path.is_file():
+            raise CLBenchError(f"HiDe-LLaVA expert file {path} is missing")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        if "scalings" not in meta:
+            raise CLBenchError(f"{path} is not a HiDe-LLaVA expert file (no metadata)")
+        scalings = json.loads(meta["scalings"])
+        lora = {
+            name: LoraFactors(tensors[f"lora::{name}::B"], tensors[f"lora::{name}::A"], s)
+            for name, s in scalings.items()
+        }
+        projector = {
+            k.split("::", 1)[1]: t for k, t in tensors.items() if k.startswith("projector::")
+        }
+        return cls(
+            meta["task"], int(meta["stage"]), lora, projector, tensors.get("anchor::image"),
+            tensors.get("anchor::text"), int(meta.get("anchor_samples", 0)),
+            int(meta.get("image_samples", 0)), meta.get("encoder", ""),
+        )
+
+    def check_anchors(self, where: Path | str) -> None:
+        """A routed model needs both anchors (the image one unless the task had no images)."""
+        missing = [
+            kind for kind, anchor, needed in (
+                ("text", self.text_anchor, True),
+                ("image", self.image_anchor, self.image_samples > 0),
+            ) if needed and anchor is None
+        ]
+        if missing:
+            raise CLBenchError(
+                f"{where}: stage {self.stage} ({self.task}) has no {' or '.join(missing)} anchor; "
+                "HiDe-LLaVA routes the top layer by the anchors saved with each stage (eq. 2)"
+            )
+
+
+def load_experts(folder: Path) -> list[TaskExpert]:
+    """Every expert file of a folder (a checkpoint's or a run's ``hide_llava/``), by stage."""
+    files = sorted(folder.glob("task_*.safetensors"),
+                   key=lambda p: int(p.stem.removeprefix("task_")))
+    if not files:
+        raise CLBenchError(f"no HiDe-LLaVA expert files (task_<stage>.safetensors) in {folder}")
+    return [TaskExpert.load(path) for path in files]
+
+
+
+def set_projector(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load stored projector weights into ``model``."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in params:
+                raise CLBenchError(f"stored projector parameter {name!r} is absent from the model")
+            params[name].copy_(value.to(params[name]))
+
+
+def expert_model(model: torch.nn.Module, expert: TaskExpert) -> torch.nn.Module:
+    """The task's own fine-tuned model: ``model`` + the task's projector + its LoRA, merged."""
+    single = copy.deepcopy(model)
+    set_projector(single, expert.projector)
+    with torch.no_grad():
+        for name, factors in expert.lora.items():
+            weight = single.get_submodule(name).weight
+            weight += factors.product().to(weight)
+    return single
