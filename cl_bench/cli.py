@@ -33,6 +33,15 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("Methods:")
     for entry in sorted(index_methods().values(), key=lambda e: e.name):
         print(f"  {entry.label}: {entry.summary}")
+        if entry.base is None:
+            print(f"      {capability_line(entry.capabilities)}")
+
+
+def capability_line(caps) -> str:
+    """One line of a method's declared capabilities for ``clbench list``."""
+    routing = "routes per sample" if caps.routes else "one model for every input"
+    return (f"trains: {caps.trains}; per task: {caps.growth}; {routing}; "
+            f"launchers: {', '.join(caps.launchers)}")
 
 
 @command("run")

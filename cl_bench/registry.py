@@ -69,9 +69,36 @@ METHODS: Registry = Registry("method")
 ANALYSES: Registry = Registry("analysis")
 
 
-def register_method(name: str) -> Callable[[T], T]:
-    """Class decorator for a method plugin in ``methods/``."""
-    return METHODS.register(name)
+LAUNCHERS = ("single", "ddp", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares about itself (``@register_method(name, **capabilities)``, literal
+    values only, so that listing methods reads them from source without importing torch)."""
+
+    paper: str = ""  # the source paper, short citation
+    trains: str = "a fresh LoRA on the language model + the projector each stage"
+    growth: str = "none"  # what is kept per learned task (memory growth with the number of tasks)
+    routes: bool = False  # inference routes per sample (so no plain merged checkpoint to serve)
+    task_id: bool = False  # needs the task identity at test time (no registered method may)
+    launchers: tuple[str, ...] = ("single",)  # verified launchers: single, ddp, zero2, zero3
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.launchers) - set(LAUNCHERS))
+        if unknown:
+            raise CLBenchError(f"unknown launcher(s) {unknown}; known: {', '.join(LAUNCHERS)}")
+
+
+def register_method(name: str, **capabilities: Any) -> Callable[[T], T]:
+    """Class decorator for a method plugin in ``methods/``; keywords are its Capabilities."""
+    declared = Capabilities(**capabilities)
+
+    def decorate(cls: T) -> T:
+        cls.capabilities = declared  # type: ignore[attr-defined]
+        return METHODS.register(name)(cls)
+
+    return decorate
 
 
 def register_analysis(name: str) -> Callable[[T], T]:
@@ -92,6 +119,7 @@ class MethodEntry:
     summary: str
     base: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
     @property
     def label(self) -> str:
@@ -149,7 +177,8 @@ def index_methods() -> dict[str, MethodEntry]:
     entries: dict[str, MethodEntry] = {}
     for name, module, node in _decorated("register_method"):
         summary = (ast.get_docstring(node) or "").split("\n")[0]
-        entries[name] = MethodEntry(name, module, summary)
+        entries[name] = MethodEntry(name, module, summary,
+                                    capabilities=_declared_capabilities(node, module))
     for path in sorted(methods_root().rglob("variants.yaml")):
         for name, variant in _read_variants(path).items():
             base = entries.get(variant["base"])
@@ -159,8 +188,21 @@ def index_methods() -> dict[str, MethodEntry]:
             if name in entries:
                 raise CLBenchError(f"{path}: variant {name!r} is registered twice")
             entries[name] = MethodEntry(name, base.module, variant["summary"], base.name,
-                                        variant["options"])
+                                        variant["options"], base.capabilities)
     return entries
+
+
+def _declared_capabilities(node: ast.ClassDef | ast.FunctionDef, module: str) -> Capabilities:
+    """The literal keywords of a ``@register_method(name, ...)`` decorator as Capabilities."""
+    for dec in node.decorator_list:
+        if isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "register_method":
+            try:
+                values = {k.arg: ast.literal_eval(k.value) for k in dec.keywords if k.arg}
+                return Capabilities(**values)
+            except (ValueError, TypeError) as err:
+                raise CLBenchError(f"{module}: @register_method keywords must be literal "
+                                   f"Capabilities fields: {err}") from None
+    return Capabilities()
 
 
 def _read_variants(path: Path) -> dict[str, dict]:

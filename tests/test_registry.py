@@ -106,3 +106,16 @@ def test_method_owned_analyses_reach_the_cli() -> None:
     assert build_parser().parse_args(["analyze", "cka", "--out", "x"]).handler.__name__ == (
         "analyze_cka"
     )
+
+
+def test_declared_capabilities_are_read_from_source_as_the_class_has_them() -> None:
+    entries = index_methods()
+    for name, entry in entries.items():
+        assert entry.capabilities == get_method(name).cls.capabilities, name
+    assert entries["hide_llava"].capabilities.routes
+    assert entries["hide_llava_text"].capabilities == entries["hide_llava"].capabilities
+    assert not any(e.capabilities.task_id for e in entries.values())  # none may at test time
+    with pytest.raises(CLBenchError, match="unknown launcher"):
+        from cl_bench.registry import Capabilities
+
+        Capabilities(launchers=("single", "mpi"))

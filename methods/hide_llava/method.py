@@ -37,7 +37,13 @@ from tasks.loaders import Sample
 Prompt = tuple[str, Image.Image | None]
 
 
-@register_method("hide_llava")
+@register_method(
+    "hide_llava",
+    paper="HiDe-LLaVA (Guo et al., ACL 2025), eq. 2-7, Algorithm 1",
+    trains="a fresh LoRA on the base model + the shared projector each stage",
+    growth="one LoRA per task kept (routed at the top layer, fused below) + 2 anchors per task",
+    routes=True,
+)
 class HiDeLLaVA(Method):
     """HiDe-LLaVA: top-layer LoRA experts routed by anchors, the other layers' LoRAs fused."""
 

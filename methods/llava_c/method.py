@@ -99,7 +99,12 @@ def forward_kl(current_logits: torch.Tensor, previous_logits: torch.Tensor,
     return (per_token * mask).sum() / mask.sum()
 
 
-@register_method("llava_c")
+@register_method(
+    "llava_c",
+    paper="LLaVA-c (Liu et al., 2025), eq. 4-9, Algorithm 1",
+    trains="a fresh LoRA on the language model + the projector each stage, SAC-merged after it",
+    growth="none in memory; each stage's raw update is stored on disk (deltas/) for alpha sweeps",
+)
 class LlavaC(Method):
     """LLaVA-c: UIR while training, spectral-aware consolidation after each stage."""
 
