@@ -20,6 +20,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import generate_answers
 from cl_bench.method import Method, Stage
 from cl_bench.registry import register_method
+from cl_bench.spectra import write_spectra
 from cl_bench.training import collate_batch, prompt_item
 from tasks.loaders import Sample, load_samples
 
@@ -159,6 +160,9 @@ class LlavaC(Method):
         """Store the raw update, then merge its consolidated version (Algorithm 1)."""
         delta = stage_delta(model, self.before)
         delta.save(self.context.run_dir / "deltas" / f"stage_{stage.index}.safetensors")
+        opts = self.options
+        write_spectra(self.context.run_dir, stage.index, delta, opts.consolidation, opts.alpha,
+                      opts.boundary)
         plain = model.unload()
         apply_delta(plain, delta, self.consolidate, base=self.before)
         self.inquiry_batches = None

@@ -7,6 +7,7 @@ draw); ``write_run_figures`` saves a run's figures as PNG and PDF under ``<run>/
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +189,8 @@ def spectra_figure(run: Run):
     left.plot(index, after, label=f"after ({kind}, alpha={alpha:g})", **series(1))
     if kind != "modelmix":
         left.plot(index, alpha * before, label=f"ModelMix alpha*s (alpha={alpha:g})", **series(2))
-    left.set(xlabel="singular value index i", ylabel="singular value",
-             title=f"stage {max(spectra)}: {name}")
+    left.set(xlabel="singular value index i", ylabel="singular value (log scale)", yscale="log",
+             title=f"stage {max(spectra)}, largest update: {name}")
     left.legend()
     for i, (stage, data) in enumerate(sorted(spectra.items())):
         left_values = [np.array(v["after"]) / np.array(v["before"])
@@ -198,8 +199,9 @@ def spectra_figure(run: Run):
         right.plot(np.arange(1, len(ratios) + 1), ratios, label=f"stage {stage}", **series(i))
     right.axhline(alpha, color="black", linewidth=1, linestyle=":",
                   label=f"ModelMix (uniform {alpha:g})")
-    right.set(xlabel="singular value index i", ylabel="scale s~_i / s_i (mean over matrices)",
-              title="per-direction scaling")
+    right.set(xlabel="singular value index i",
+              ylabel=r"scale $\tilde{s}_i / s_i$ (mean over matrices)",
+              title="per-direction scaling, every stage")
     right.legend()
     fig.suptitle(run_title(run, f"spectra of each stage's update ({kind}; LLaVA-c Fig. 5)"))
     return fig
@@ -228,7 +230,7 @@ def matrix_grid_figure(groups: dict[str, list[Run]], title: str):
         image = _heatmap(ax, mean, stage_labels(runs[0]), runs[0].tasks)
         if runs[0].kind == "continual":
             _outline_diagonal(ax, mean.shape[1], mean.shape[0])
-        ax.set_title(f"{name} (n={len(runs)})", fontsize=8)
+        ax.set_title(textwrap.fill(f"{name} (n={len(runs)})", 34), fontsize=8)
         ax.set_xlabel("evaluated task")
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
@@ -254,3 +256,21 @@ def write_run_figures(run_dir: Path) -> list[Path]:
     """Save a run's figures as ``figures/<name>.png`` and ``.pdf``; returns the PNG paths."""
     run = Run(Path(run_dir))
     return [save(fig, run.path / "figures" / name)[0] for name, fig in run_figures(run).items()]
+
+
+def comparison_figures(tables) -> list[tuple[str, str, object]]:
+    """(name, caption, figure) of each leaderboard table's comparison figures: the accuracy
+    matrices of its rows side by side, and their general scores and probes across stages."""
+    out = []
+    for number, table in enumerate(tables, 1):
+        groups = {row.label: row.runs for row in table.rows}
+        if not groups:
+            continue
+        out.append((f"table{number}-matrices", f"{table.title}: accuracy matrices",
+                    matrix_grid_figure(groups, table.title)))
+        degradation = degradation_figure(
+            groups, f"{table.title}: general benchmarks and probes across stages")
+        if degradation is not None:
+            out.append((f"table{number}-degradation",
+                        f"{table.title}: general benchmarks and probes", degradation))
+    return out

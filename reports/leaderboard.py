@@ -135,8 +135,8 @@ def row_label(run: Run, shared: list[str], own: list[str]) -> str:
 
 def _value(value: object) -> str:
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return "-" if value is None else str(value)
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
 
 
 def build_tables(paths: Iterable[Path | str], per_task: bool = False) -> list[Table]:
@@ -216,8 +216,8 @@ def grid_failures(paths: Iterable[Path | str]) -> dict[str, tuple[str, str]]:
         manifest = Path(path) / GRID_MANIFEST
         if manifest.exists():
             grid = json.loads(manifest.read_text())
-            suite = grid["config"]["suite"]
             for name, entry in grid["runs"].items():
                 if entry.get("status") == "failed":
-                    failed[f"{Path(path) / name}"] = (suite, entry.get("error", ""))
+                    failed[f"{Path(path) / name}"] = (entry["config"]["suite"],
+                                                      entry.get("error", ""))
     return failed

@@ -21,7 +21,8 @@ def cell_text(cell: Cell | None, row: Row, pm: str = "±") -> str:
     fewer seeds than its row."""
     if cell is None or cell.mean is None:
         return "-"
-    text = f"{cell.mean:.2f}" if cell.std is None else f"{cell.mean:.2f} {pm} {cell.std:.2f}"
+    mean = cell.mean if round(cell.mean, 2) != 0 else 0.0  # no "-0.00"
+    text = f"{mean:.2f}" if cell.std is None else f"{mean:.2f} {pm} {cell.std:.2f}"
     return text if cell.n == len(row.runs) else f"{text} (n={cell.n})"
 
 
