@@ -48,6 +48,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "method": args.method, "suite": args.suite, "order": args.order, "out": args.out,
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
+        "report_to": args.report_to,
     }
     if args.resume:
         if not args.out:
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. train.learning_rate=1e-4, method.alpha=0.3")
     run.add_argument("--general", help="general benchmarks after each stage (lmms-eval task "
                      "names, comma-separated; default: the suite's own; 'none' for none)")
+    run.add_argument("--report-to", help="experiment trackers, comma-separated: tensorboard, "
+                     "wandb (default none; wandb follows WANDB_MODE, e.g. offline)")
     run.add_argument("--limit", type=int, help="at most N train and N test samples per task")
     run.add_argument("--quick", action="store_true", help="a smoke run: few samples, few steps")
     run.add_argument("--resume", action="store_true",

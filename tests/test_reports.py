@@ -256,3 +256,38 @@ def test_results_frames(runs: GridRuns) -> None:
     assert list(records["stage"]) == [0, 1, 2] and records["train_loss"].notna().sum() == 2
     spectra = results.spectra_frame([runs.grid / "llava_c_sac-seed0"])
     assert set(spectra["stage"]) == {1, 2} and (spectra["after"] < spectra["before"]).any()
+
+
+def test_report_to_tensorboard_and_offline_wandb(
+    ucit_root: Path, tiny_llava: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never a network call
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "tracked"
+    argv = ["run", "--method", "finetune", "--suite", "ucit", "--data-root", str(ucit_root),
+            "--model", str(tiny_llava), "--quick", "--order", "RV", "--out", str(out),
+            "--set", "eval.max_new_tokens=4", "--report-to", "tensorboard,wandb"]
+    assert main(argv) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    matrix = pd.read_csv(out / "matrix.csv", index_col="stage")
+    logged = [(e.step, e.value) for e in events.Scalars("score/VizWiz-caption")]
+    assert [s for s, _ in logged] == [0, 1, 2]
+    assert [round(v, 2) for _, v in logged] == list(matrix["VizWiz-caption"])
+    last = events.Scalars("summary/Last")[0].value
+    assert last == pytest.approx(summary(out)["Last"], abs=1e-4)
+    assert {"accuracy_matrix", "figures/matrix", "figures/tasks"} <= set(events.Tags()["images"])
+    trainer = EventAccumulator(str(next((out / "trainer" / "stage_1" / "runs").iterdir())))
+    trainer.Reload()
+    assert "train/train_loss" in trainer.Tags()["scalars"]  # the Trainer's own integration
+    [offline] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"cl/score/ImageNet-R" in offline.read_bytes()
+    assert wandb.run is None  # finished, nothing left open
+    capsys.readouterr()
+    assert main(["run", "--out", str(tmp_path / "x"), "--report-to", "mlflow"]) == 2
+    assert "--report-to 'mlflow': expected one of tensorboard, wandb" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
