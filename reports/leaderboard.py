@@ -13,7 +13,6 @@ stage) are rows marked as bounds, below the others and never "best".
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ IGNORED_KEYS = {"out", "seed", "method", *SETTING_KEYS}
 LOWER_IS_BETTER = {"Forgetting"}
 DROP = " drop"  # suffix of a general benchmark's drop column: start minus final, lower is better
 BOUND_NAMES = {"zero-shot": "bound: zero-shot", "joint": "bound: joint training"}
+DECIMALS = 2  # printed precision of every cell
 STD_NOTE = "mean ± sample std (ddof = 1) over seeds; n = number of seeds"
 
 
@@ -75,9 +75,9 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def best(self, column: str) -> float | None:
-        """The best mean of a column over the non-bound rows (direction-aware); None unless at
-        least two rows have one."""
-        means = [r.cells[column].mean for r in self.rows
+        """The best mean of a column over the non-bound rows (direction-aware), at the printed
+        precision (so that printed ties are all best); None unless two rows have one."""
+        means = [round(r.cells[column].mean, DECIMALS) for r in self.rows
                  if not r.bound and column in r.cells and r.cells[column].mean is not None]
         if len(means) < 2:
             return None
@@ -87,7 +87,7 @@ class Table:
         best = self.best(column)
         cell = row.cells.get(column)
         return (not row.bound and best is not None and cell is not None
-                and cell.mean is not None and math.isclose(cell.mean, best, abs_tol=1e-9))
+                and cell.mean is not None and round(cell.mean, DECIMALS) == best)
 
 
 def lower_is_better(column: str) -> bool:

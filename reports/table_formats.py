@@ -8,7 +8,8 @@ import io
 
 import pandas as pd
 
-from reports.leaderboard import STD_NOTE, Cell, Row, Table, lower_is_better
+from reports.leaderboard import DECIMALS, STD_NOTE, Cell, Row, Table, lower_is_better
+from reports.markdown import markdown_table
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
@@ -21,8 +22,10 @@ def cell_text(cell: Cell | None, row: Row, pm: str = "±") -> str:
     fewer seeds than its row."""
     if cell is None or cell.mean is None:
         return "-"
-    mean = cell.mean if round(cell.mean, 2) != 0 else 0.0  # no "-0.00"
-    text = f"{mean:.2f}" if cell.std is None else f"{mean:.2f} {pm} {cell.std:.2f}"
+    mean = cell.mean if round(cell.mean, DECIMALS) != 0 else 0.0  # no "-0.00"
+    text = f"{mean:.{DECIMALS}f}"
+    if cell.std is not None:
+        text += f" {pm} {cell.std:.{DECIMALS}f}"
     return text if cell.n == len(row.runs) else f"{text} (n={cell.n})"
 
 
@@ -44,16 +47,17 @@ def to_markdown(tables: list[Table]) -> str:
     parts = []
     for table in tables:
         header = ["method", "n", *(f"{c} {arrow(c)}" for c in table.columns)]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        body = []
         for row in table.rows:
             cells = []
             for column in table.columns:
                 text = cell_text(row.cells.get(column), row)
                 cells.append(f"**{text}**" if table.is_best(row, column) else text)
-            lines.append("| " + " | ".join([row.label, str(len(row.runs)), *cells]) + " |")
+            body.append([row.label, str(len(row.runs)), *cells])
         notes = "\n".join(f"- {n}" for n in table.notes)
         parts.append("\n\n".join(p for p in [f"## {table.title}", setting_line(table),
-                                              "\n".join(lines), legend(table), notes] if p))
+                                              markdown_table(header, body), legend(table), notes]
+                                   if p))
     return "\n\n".join(parts) + "\n"
 
 
