@@ -113,6 +113,20 @@ def test_grid_skips_finished_runs_and_resumes_the_interrupted_one(runs: GridRuns
     assert {e["status"] for e in manifest["runs"].values()} == {"finished"}
 
 
+def test_resume_of_a_grid_folder_reruns_its_manifest(runs: GridRuns, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cl_bench.grid, "run", lambda cfg, resume=False: calls.append(cfg))
+    assert main(["run", "--out", str(runs.grid), "--resume"]) == 0
+    assert calls == []  # every run of the manifest is finished: all skipped
+    (runs.grid / "zeroshot-seed1" / "summary.json").rename(runs.grid / "summary.moved")
+    try:
+        assert main(["run", "--out", str(runs.grid), "--resume"]) == 0
+    finally:
+        (runs.grid / "summary.moved").rename(runs.grid / "zeroshot-seed1" / "summary.json")
+    assert [(c.method, c.seed, c.out) for c in calls] == [
+        ("zeroshot", 1, str(runs.grid / "zeroshot-seed1"))]
+
+
 def test_grid_refuses_a_folder_holding_another_configuration(
     runs: GridRuns, ucit_root: Path, tiny_llava: Path, tmp_path: Path
 ) -> None:
