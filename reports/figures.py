@@ -25,7 +25,13 @@ def run_title(run: Run, what: str) -> str:
 
 
 def stage_labels(run: Run) -> list[str]:
-    return [f"{r['stage']}\n{'+'.join(r['trained_on']) or 'start'}" for r in run.records]
+    """``<stage>`` over what it trained on (``start``, a task, or ``N tasks (joint)``)."""
+    labels = []
+    for r in run.records:
+        names = r["trained_on"]
+        what = names[0] if len(names) == 1 else f"{len(names)} tasks (joint)" if names else "start"
+        labels.append(f"{r['stage']}\n{what}")
+    return labels
 
 
 def change_since_learned(matrix: np.ndarray) -> np.ndarray:

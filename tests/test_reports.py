@@ -305,3 +305,24 @@ def test_report_to_tensorboard_and_offline_wandb(
     assert main(["run", "--out", str(tmp_path / "x"), "--report-to", "mlflow"]) == 2
     assert "--report-to 'mlflow': expected one of tensorboard, wandb" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_stage_spectra_for_each_consolidation_and_half_precision_factors() -> None:
+    from cl_bench.deltas import LoraFactors
+    from cl_bench.spectra import stage_spectra
+
+    gen = torch.Generator().manual_seed(0)
+    factors = LoraFactors(torch.randn(10, 3, generator=gen).bfloat16(),
+                          torch.randn(3, 7, generator=gen).bfloat16(), 2.0)
+    delta = StageDelta(lora={"layer.q_proj": factors})
+    expected = torch.linalg.svdvals(factors.product().double())[:3]
+    for kind, scale in (("none", 1.0), ("modelmix", 0.3)):
+        [spectrum] = stage_spectra(delta, kind, 0.3, "pad").values()
+        assert spectrum["shape"] == [10, 7]
+        assert torch.allclose(torch.tensor(spectrum["before"]).double(), expected, rtol=1e-5)
+        assert torch.allclose(torch.tensor(spectrum["after"]).double(), scale * expected,
+                              rtol=1e-5)
+    [sac] = stage_spectra(delta, "sac", 0.3, "pad").values()
+    full = sac_delta(factors.product().double(), 0.3)
+    assert torch.allclose(torch.tensor(sac["after"]).double(), torch.linalg.svdvals(full)[:3],
+                          rtol=1e-5)
