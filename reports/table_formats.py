@@ -119,7 +119,8 @@ def to_latex(tables: list[Table]) -> str:
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #111; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 14px; }
-th, td { padding: 4px 10px; text-align: right; }
+th, td { padding: 4px 10px; text-align: right; white-space: nowrap; }
+td:first-child { white-space: normal; max-width: 420px; }
 th:first-child, td:first-child { text-align: left; }
 thead th { border-top: 2px solid #111; border-bottom: 1px solid #111; }
 tbody tr:last-child td { border-bottom: 2px solid #111; }
