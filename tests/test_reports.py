@@ -275,12 +275,13 @@ def test_results_frames(runs: GridRuns) -> None:
 def test_report_to_tensorboard_and_offline_wandb(
     ucit_root: Path, tiny_llava: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never a network call:
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no error reports either
+    monkeypatch.setenv("WANDB_SILENT", "true")
     pytest.importorskip("tensorboard")
     wandb = pytest.importorskip("wandb")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setenv("WANDB_MODE", "offline")  # never a network call
-    monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "tracked"
     argv = ["run", "--method", "finetune", "--suite", "ucit", "--data-root", str(ucit_root),
             "--model", str(tiny_llava), "--quick", "--order", "RV", "--out", str(out),
