@@ -17,6 +17,7 @@ from reports.style import HEATMAP, SCORE_RANGE, annotate_cells, pyplot, save, se
 
 RUN_FIGURES = ("matrix", "tasks", "degradation", "spectra")
 MAX_GRID_COLUMNS = 4
+GRID_TASK_CELLS = 12  # at most this many task columns side by side in a grid of heatmaps
 
 
 def run_title(run: Run, what: str) -> str:
@@ -222,9 +223,9 @@ def _mean_ragged(arrays: list[np.ndarray]) -> np.ndarray:
 def matrix_grid_figure(groups: dict[str, list[Run]], title: str):
     """One accuracy-matrix heatmap per group (mean over its runs) on a shared 0-100 scale."""
     plt = pyplot()
-    columns = min(len(groups), MAX_GRID_COLUMNS)
-    rows = -(-len(groups) // columns)
     first = next(iter(groups.values()))[0]
+    columns = min(len(groups), MAX_GRID_COLUMNS, max(1, GRID_TASK_CELLS // len(first.tasks)))
+    rows = -(-len(groups) // columns)
     width = 1.0 * len(first.tasks) + 1.5
     fig, axes = plt.subplots(rows, columns, squeeze=False,
                              figsize=(width * columns + 1.5, (0.45 * (len(first.tasks) + 1)

@@ -120,7 +120,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #111; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 14px; }
 th, td { padding: 4px 10px; text-align: right; white-space: nowrap; }
-td:first-child { white-space: normal; max-width: 420px; }
+td:first-child { white-space: normal; min-width: 14em; max-width: 28em; }
+.scroll { overflow-x: auto; }
 th:first-child, td:first-child { text-align: left; }
 thead th { border-top: 2px solid #111; border-bottom: 1px solid #111; }
 tbody tr:last-child td { border-bottom: 2px solid #111; }
@@ -154,8 +155,8 @@ def to_html(tables: list[Table], figures: list[tuple[str, bytes]] = ()) -> str:
         notes = "".join(f"<li>{esc(n)}</li>" for n in table.notes)
         body += [f"<h2>{esc(table.title)}</h2>",
                  f'<p class="setting">{esc(setting_line(table))}</p>',
-                 f"<table><thead><tr><th>method</th><th>n</th>{head}</tr></thead>"
-                 f"<tbody>{''.join(rows)}</tbody></table>",
+                 f'<div class="scroll"><table><thead><tr><th>method</th><th>n</th>{head}</tr>'
+                 f"</thead><tbody>{''.join(rows)}</tbody></table></div>",
                  f'<p class="legend">{esc(legend(table))}</p>',
                  f"<ul>{notes}</ul>" if notes else ""]
     if figures:

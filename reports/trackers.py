@@ -6,7 +6,8 @@ over the tasks learned so far, general benchmark and probe numbers, the accuracy
 figure and a table), and at the end the summary metrics and the run's figures. Off unless asked;
 rank 0 only. TensorBoard writes under ``<run>/tensorboard/``; Weights & Biases runs in the
 mode its environment sets (``WANDB_MODE=offline`` writes under ``<run>/wandb/``; with
-``WANDB_ERROR_REPORTING=false`` nothing reaches the network) and continues the same wandb run when the cl-bench run is resumed.
+``WANDB_ERROR_REPORTING=false`` nothing reaches the network) and continues the same wandb run
+when the cl-bench run is resumed.
 """
 
 from __future__ import annotations
