@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cl_bench.errors import CLBenchError
+
+if TYPE_CHECKING:
+    from cl_bench.grid import Grid
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
@@ -71,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(run(cfg, resume=args.resume))
 
 
-def run_grid_command(spec) -> None:
+def run_grid_command(spec: Grid) -> None:
     """Run a grid; print how each run ended; an error (exit 2) if any failed."""
     from cl_bench.grid import outcome_table, run_grid
 
