@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cl_bench.errors import CLBenchError
+
+if TYPE_CHECKING:
+    from cl_bench.running.grid import Grid
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
@@ -48,6 +52,7 @@ def capability_line(caps) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     from cl_bench import config
     from cl_bench.registry import get_suite
+    from cl_bench.running import grid
     from cl_bench.running.runner import run
 
     def suite_defaults(name: str) -> dict:
@@ -57,17 +62,39 @@ def cmd_run(args: argparse.Namespace) -> None:
         "method": args.method, "suite": args.suite, "order": args.order, "out": args.out,
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
+        "report_to": args.report_to,
     }
     if args.resume:
         if not args.out:
             raise CLBenchError("--resume needs --out RUN_DIR (the run folder to continue)")
+        if (Path(args.out) / "grid.json").exists():
+            return run_grid_command(grid.Grid.reopen(Path(args.out)))
         cfg = config.RunConfig(out=args.out)
     else:
         overrides = list(args.set)
         if args.limit is not None:
             overrides += [f"train.limit={args.limit}", f"eval.limit={args.limit}"]
+        methods = grid.parse_methods(args.method)
+        if args.seeds is not None or len(methods) > 1:
+            fields["method"] = methods[0]
+            template = config.resolve(args.config, overrides, suite_defaults, **fields)
+            seeds = grid.parse_seeds(args.seeds) if args.seeds else [template.seed]
+            out = Path(args.out or f"runs/{template.suite}-grid")
+            return run_grid_command(grid.Grid.create(template, methods, seeds, out))
         cfg = config.resolve(args.config, overrides, suite_defaults, **fields)
     print(run(cfg, resume=args.resume))
+
+
+def run_grid_command(spec: Grid) -> None:
+    """Run a grid; print how each run ended; an error (exit 2) if any failed."""
+    from cl_bench.running.grid import outcome_table, run_grid
+
+    outcomes = run_grid(spec)
+    print(outcome_table(spec, outcomes))
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if failed:
+        raise CLBenchError(f"{len(failed)} of {len(outcomes)} grid run(s) failed: "
+                           f"{', '.join(failed)} (errors above and in {spec.out / 'grid.json'})")
 
 
 def general_option(value: str | None) -> str | None:
@@ -82,6 +109,19 @@ def cmd_report(args: argparse.Namespace) -> None:
     from reports.markdown import write_report
 
     print(write_report(args.run_dir))
+
+
+@command("leaderboard")
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from reports.publish import leaderboard
+
+    text = leaderboard(args.dirs, args.format, args.per_task, args.figures)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(args.out)
+    else:
+        print(text, end="")
 
 
 @command("sweep-alpha")
@@ -148,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list suites (with tasks and order) and methods")
 
     run = sub.add_parser("run", help="run a method on a suite, stage by stage")
-    run.add_argument("--method", help="method name (clbench list)")
+    run.add_argument("--method", help="method name (clbench list); several, comma-separated, "
+                     "run a grid")
+    run.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): run a grid of every "
+                     "method x seed, one run folder each under --out")
     run.add_argument("--suite", help="suite name (default ucit-micro)")
     run.add_argument("--order", help="task order: letters (e.g. RAVICF) or comma-separated names")
-    run.add_argument("--out", help="run folder (default runs/<suite>-<method>-seed<N>)")
+    run.add_argument("--out", help="run folder (default runs/<suite>-<method>-seed<N>), or a "
+                     "grid's folder (default runs/<suite>-grid)")
     run.add_argument("--seed", type=int)
     run.add_argument("--model", help="local Hugging Face LLaVA folder to start from")
     run.add_argument("--data-root", help="folder holding the suite's data")
@@ -160,12 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key, e.g. train.learning_rate=1e-4, method.alpha=0.3")
     run.add_argument("--general", help="general benchmarks after each stage (lmms-eval task "
                      "names, comma-separated; default: the suite's own; 'none' for none)")
+    run.add_argument("--report-to", help="experiment trackers, comma-separated: tensorboard, "
+                     "wandb (default none; wandb follows WANDB_MODE, e.g. offline)")
     run.add_argument("--limit", type=int, help="at most N train and N test samples per task")
     run.add_argument("--quick", action="store_true", help="a smoke run: few samples, few steps")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run (or grid) in --out")
 
     report = sub.add_parser("report", help="rebuild report.md of a run folder")
     report.add_argument("run_dir", type=Path)
+
+    board = sub.add_parser("leaderboard", help="compare runs: one table per suite and setting, "
+                           "mean +- std over seeds")
+    board.add_argument("dirs", type=Path, nargs="+", help="run folders, grid folders, or "
+                       "folders holding runs")
+    board.add_argument("--format", choices=["md", "csv", "latex", "html"], default="md")
+    board.add_argument("--per-task", action="store_true",
+                       help="the final score of every task (instead of the CL metrics)")
+    board.add_argument("--out", type=Path, help="write to this file instead of printing")
+    board.add_argument("--figures", type=Path,
+                       help="also save the comparison figures (PNG and PDF) in this folder")
 
     sweep = sub.add_parser("sweep-alpha", help="re-consolidate a stage of a run (llava_c, "
                            "modelmix: methods that consolidate stored updates) "

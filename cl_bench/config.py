@@ -73,6 +73,7 @@ class RunConfig:
     quick: bool = False
     general: list[str] | None = None
     probes: bool = True
+    report_to: list[str] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)

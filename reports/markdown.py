@@ -44,15 +44,33 @@ def timing_section(run_dir: Path) -> str:
     return "## Stages\n\n" + markdown_table(["stage", "train s", "eval s", "train loss"], rows)
 
 
+FIGURE_CAPTIONS = {
+    "matrix": "Accuracy matrix and each task's change since it was learned",
+    "tasks": "Each task's score across stages",
+    "degradation": "General benchmarks and probes across stages",
+    "spectra": "Singular values of each stage's update before and after consolidation",
+}
+
+
+def figures_section(run_dir: Path) -> str:
+    """Draw the run's figures (``figures/*.png`` and ``.pdf``) and embed the PNGs."""
+    from reports.figures import write_run_figures
+
+    paths = write_run_figures(run_dir)
+    images = [f"![{FIGURE_CAPTIONS[p.stem]}](figures/{p.name})" for p in paths]
+    return "## Figures\n\n" + "\n\n".join(images) + "\n\nPDF versions beside the PNGs."
+
+
 def write_report(run_dir: Path) -> Path:
-    """Write ``report.md`` from the run folder's files."""
+    """Write ``report.md`` (and its figures) from the run folder's files."""
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
     title = f"# {summary['method']} on {summary['suite']} (seed {summary['seed']})"
     if summary.get("quick"):
         title += " -- quick run"
     headline = markdown_table(list(METRICS), [[fmt(summary.get(m)) for m in METRICS]])
-    parts = [title, headline, matrix_section(run_dir), timing_section(run_dir),
+    parts = [title, headline, matrix_section(run_dir), figures_section(run_dir),
+             timing_section(run_dir),
              method_section(run_dir), general_section(summary), probes_section(summary),
              examples_section(run_dir)]
     path = run_dir / "report.md"

@@ -121,10 +121,13 @@ def sweep_alpha(
         row["general"] = general
         log(f"alpha {alpha:g}: " + ", ".join(f"{t.name} {row[t.name]:.1f}" for t in tasks))
         rows.append(row)
-    return write_sweep(out, rows, [t.name for t in tasks])
+    given = ", ".join(f"{k}={v}" for k, v in sorted((overrides or {}).items()))
+    title = f"{cfg.suite}: {cfg.method}, stage {stage} re-consolidated" + (
+        f" with {given}" if given else "")
+    return write_sweep(out, rows, [t.name for t in tasks], title)
 
 
-def write_sweep(out: Path, rows: list[dict], tasks: list[str]) -> Path:
+def write_sweep(out: Path, rows: list[dict], tasks: list[str], title: str) -> Path:
     """``alpha.csv`` (one row per alpha), ``alpha.json`` and the alpha-curve plot."""
     from reports.alpha_curves import flatten_rows, plot_alpha_curves
 
@@ -132,5 +135,5 @@ def write_sweep(out: Path, rows: list[dict], tasks: list[str]) -> Path:
     (out / "alpha.json").write_text(json.dumps(rows, indent=2))
     frame = flatten_rows(rows, tasks)
     frame.to_csv(out / "alpha.csv", index=False)
-    plot_alpha_curves(frame, tasks, out / "alpha.png")
+    plot_alpha_curves(frame, tasks, out / "alpha.png", title)
     return out / "alpha.csv"

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from cl_bench.config import RunConfig
+from cl_bench.config import RunConfig, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import degradation
 from cl_bench.evaluation.generation import TaskResult, evaluate_task
@@ -117,16 +117,20 @@ def stage_record(stage: Stage | None, results: dict[str, TaskResult], extra: dic
 
 def run(cfg: RunConfig, resume: bool = False) -> Path:
     """Run (or resume) a whole protocol; returns the run folder."""
+    from reports.trackers import Trackers, check_trackers
+
     started = time.time()
     if resume:
         path = reopen_folder(cfg).path
         cfg = RunFolder(path).read_config()
         cfg.out = str(path)
+    check_trackers(cfg.report_to)
     suite = get_suite(cfg.suite)
     spec = get_method(cfg.method)
     options = spec.options(cfg.method_options)
     tasks = suite.resolve_order(cfg.order)
     folder = reopen_folder(cfg) if resume else create_folder(cfg)
+    trackers = Trackers(cfg.report_to, folder.path, to_dict(cfg))
     data_root = resolve_data_root(suite, cfg)
     require_valid_data(suite, data_root, tasks)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
@@ -145,6 +149,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         set_seed(cfg.seed)
         results = evaluate_all(bundle.model, ctx, tasks, test_sets, 0, folder)
         folder.append_record(stage_record(None, results, checks.measure(bundle.model, 0)))
+        trackers.log_stage()
         model = bundle.model
     else:
         log(f"resuming {folder.path} after stage {done - 1}")
@@ -152,8 +157,10 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     for stage in stages[done - 1 if done else 0 :]:
         model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder, checks)
         folder.write_matrix(names)
+        trackers.log_stage()
     matrix = folder.write_matrix(names)
     write_summary(folder, cfg, names, matrix, time.time() - started)
+    trackers.finish()
     return folder.path
 
 
@@ -170,7 +177,8 @@ def run_stage(
     model = method.before_stage(model, stage)
     train_info = train_model(
         model, ctx.bundle, method.training_samples(stage), ctx.config.train,
-        folder.path / "trainer", ctx.config.seed + stage.index, method.extra_losses,
+        folder.path / "trainer" / f"stage_{stage.index}", ctx.config.seed + stage.index,
+        method.extra_losses, ctx.config.report_to,
     )
     model = method.after_stage(model, stage)
     t1 = time.time()

@@ -35,8 +35,11 @@ class MethodTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int) -> TrainingArguments:
-    """The paper's hyperparameters mapped onto TrainingArguments."""
+def training_arguments(
+    cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str] | None = None
+) -> TrainingArguments:
+    """The paper's hyperparameters mapped onto TrainingArguments; ``report_to``: the Trainer's
+    own tracker integrations (none by default)."""
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -52,7 +55,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int) -> Trainin
         deepspeed=cfg.deepspeed,
         logging_steps=10,
         save_strategy="no",
-        report_to=[],
+        report_to=list(report_to or []),
         seed=seed,
         data_seed=seed,
         remove_unused_columns=False,
@@ -69,13 +72,14 @@ def train_model(
     output_dir: Path,
     seed: int,
     extra_loss: ExtraLoss | None = None,
+    report_to: list[str] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``samples``; returns the final training metrics."""
     if cfg.limit is not None:
         samples = random.Random(seed).sample(samples, min(cfg.limit, len(samples)))
     trainer = MethodTrainer(
         model=model,
-        args=training_arguments(cfg, output_dir, seed),
+        args=training_arguments(cfg, output_dir, seed, report_to),
         train_dataset=ConversationDataset(samples, bundle, cfg.max_length),
         data_collator=lambda items: collate_batch(items, bundle),
         extra_loss=extra_loss,

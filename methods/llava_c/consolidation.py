@@ -140,6 +140,14 @@ def lora_spectrum(B: Tensor, A: Tensor, scaling: float) -> LoraSpectrum:
     return LoraSpectrum(left, s, right, B.dtype)
 
 
+def sac_singular_values(spectrum: LoraSpectrum, alpha: float, boundary: str = "pad") -> Tensor:
+    """The p rescaled singular values s~_1..s~_p of SAC on a decomposed LoRA update."""
+    alpha, boundary = check_alpha(alpha), check_boundary(boundary)
+    p, r = spectrum.s.numel(), spectrum.rank
+    full = torch.cat([spectrum.s, spectrum.s.new_zeros(r - p)])  # s_{p+1..r} = 0, r = min(M, N)
+    return sac_scale(full, alpha, boundary)[:p]  # LLaVA-c eq. 6 on the zero-padded spectrum
+
+
 def apply_sac(
     spectrum: LoraSpectrum, alpha: float, boundary: str = "pad", dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -148,16 +156,13 @@ def apply_sac(
     Cheap per alpha (a length-r rescaling and an M x p column scaling), so an alpha sweep costs one
     ``lora_spectrum`` per matrix. Output dtype: ``dtype``, else the LoRA factors' dtype.
     """
-    alpha, boundary = check_alpha(alpha), check_boundary(boundary)
-    p, r = spectrum.s.numel(), spectrum.rank
-    full = torch.cat([spectrum.s, spectrum.s.new_zeros(r - p)])  # s_{p+1..r} = 0, r = min(M, N)
-    scaled = sac_scale(full, alpha, boundary)
+    scaled = sac_singular_values(spectrum, alpha, boundary)
     # Exactness: k and the windows of i <= p run on the zero-padded length-r spectrum, so windows
     # reaching past p read the true zeros. For i > p every s'_j in the window is 0 (a true zero, or
     # the pad value s_r, which is 0 whenever p < r), so s~_i = 0 and dropping those directions is
     # exact; when p == r (q >= min(M, N)) nothing is padded and all r values are kept.
     out = dtype or spectrum.dtype
-    factor_p = spectrum.left * scaled[:p].to(spectrum.left.dtype)  # Algorithm 1 line 12: U diag(s~)
+    factor_p = spectrum.left * scaled.to(spectrum.left.dtype)  # Algorithm 1 line 12: U diag(s~)
     return factor_p.to(out), spectrum.right.to(out)
 
 

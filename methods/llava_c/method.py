@@ -34,6 +34,7 @@ from methods.llava_c.consolidation import (
     modelmix_delta,
     sac_delta,
 )
+from methods.llava_c.spectra import write_spectra
 from tasks.loaders import Sample, load_samples
 
 CONSOLIDATIONS = ("sac", "modelmix", "none")
@@ -186,6 +187,9 @@ class LlavaC(Method):
         """Store the raw update, then merge its consolidated version (Algorithm 1)."""
         delta = stage_delta(model, self.before)
         delta.save(delta_path(self.context.run_dir, stage.index))
+        opts = self.options
+        write_spectra(self.context.run_dir, stage.index, delta, opts.consolidation, opts.alpha,
+                      opts.boundary)
         plain = model.unload()
         apply_delta(plain, delta, lambda u: self.consolidation(u)(None), base=self.before)
         self.inquiry_batches = None
