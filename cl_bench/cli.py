@@ -39,6 +39,7 @@ def cmd_list(args: argparse.Namespace) -> None:
     for entry in sorted(index_methods().values(), key=lambda e: e.name):
         print(f"  {entry.label}: {entry.summary}")
         if entry.base is None:
+            print(f"      paper: {entry.capabilities.paper}")
             print(f"      {capability_line(entry.capabilities)}")
 
 

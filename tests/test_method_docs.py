@@ -52,5 +52,6 @@ def test_list_shows_the_declared_capabilities(capsys) -> None:
         assert f"  {name}: " in out
     assert "per task: one LoRA per task kept (all summed at inference" in out
     assert "routes per sample" in out and "no task id at test" in out
+    assert "paper: EWC (Kirkpatrick et al., PNAS 2017), eq. 3" in out
     assert main(["list", "--markdown"]) == 0
     assert capsys.readouterr().out == DOCS.read_text()
