@@ -66,7 +66,7 @@ def fisher_diagonal(
             model(**batch).loss.backward()
             for name, p in params.items():
                 if p.grad is not None:
-                    fisher[name] += p.grad.float().pow(2)
+                    fisher[name] += p.grad.float().pow(2)  # F_i (Continual-NExT ewc_after_train)
             count += 1
     model.zero_grad(set_to_none=True)
     if count == 0:
@@ -81,7 +81,7 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: Tensors, anchor: Tensor
         (fisher[name] * (p.float() - anchor[name].float()).pow(2)).sum()
         for name, p in params.items()
     )
-    return strength / 2 * total
+    return strength / 2 * total  # EWC eq. 3 (Continual-NExT compute_ewc_loss drops the 1/2)
 
 
 @register_method(

@@ -48,6 +48,7 @@ def distillation(current: torch.Tensor, previous: torch.Tensor, temperature: flo
     """
     log_p = torch.log_softmax(previous.float() / temperature, dim=-1)
     log_q = torch.log_softmax(current.float() / temperature, dim=-1)
+    # LwF eq. 2-3 (as Continual-NExT swift/trainers/cl/lwf/lwf_pre.py, without its T^2)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 

@@ -48,7 +48,8 @@ def orthogonality_loss(new: torch.Tensor, previous: Sequence[torch.Tensor],
     """sum_i L_orth(A_i, A_t): the entries of A_t A_i^T (A: rank x in) summed as |x| or x^2."""
     total = new.new_zeros((), dtype=torch.float32)
     for old in previous:
-        overlap = new.float() @ old.float().T  # O-LoRA: O_{i,t}, r_t x r_i
+        overlap = new.float() @ old.float().T  # O-LoRA sec. 3: O_{i,t} = A_i^T A_t, transposed
+        # L_orth: O-LoRA src/uie_trainer_lora.py and MCITlib llava_trainer.py sum |O| (l1)
         total = total + (overlap.abs().sum() if norm == "l1" else overlap.pow(2).sum())
     return total
 

@@ -63,7 +63,7 @@ def reservoir_update(buffer: list[T], seen: int, stream: Iterable[T], capacity: 
         if len(buffer) < capacity:
             buffer.append(item)
         else:
-            slot = draws.randrange(seen + 1)  # item number seen + 1 enters w.p. capacity/(seen+1)
+            slot = draws.randrange(seen + 1)  # Algorithm R: enters w.p. capacity / (seen + 1)
             if slot < capacity:
                 buffer[slot] = item
         seen += 1
@@ -72,8 +72,8 @@ def reservoir_update(buffer: list[T], seen: int, stream: Iterable[T], capacity: 
 
 @register_method(
     "replay",
-    paper="Experience replay (reservoir buffer: Chaudhry et al., 2019); MCITlib's Replay "
-          "baseline; LLaVA-c Table 10 (full data replay)",
+    paper="Experience replay with a reservoir buffer (Chaudhry et al., 2019; Algorithm R, "
+          "Vitter 1985); MCITlib's Replay baseline",
     trains="one LoRA on the language model + the projector, carried across stages "
            "(as seq_lora), on the stage's data plus replayed past samples",
     growth="none in memory (a buffer of at most buffer_size past samples, by reference)",

@@ -63,6 +63,7 @@ class SeqLoRA(Method):
 
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """The first stage adds the LoRA; later stages train the same one further."""
+        # as CoIN ETrain/Train/LLaVA/train.py (--previous_task_model_path) and MCITlib LoRA-FT
         if not is_peft(model):
             return add_lora(model, self.context.config.lora)
         activate_adapters(model, self.adapters(), self.adapters())

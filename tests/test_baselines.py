@@ -333,3 +333,31 @@ def test_lwf_distils_exactly_the_positions_the_llava_loss_supervises(
     labels = batch["labels"]
     loss = torch.nn.functional.cross_entropy(seen[0], labels[labels != -100])
     assert loss.item() == pytest.approx(outputs.loss.item(), rel=1e-5)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_terms_follow_the_model_device_and_dtype(
+    device: str, tiny_llava: Path, ucit_root: Path, tmp_path: Path
+) -> None:
+    """A bf16 model (on the GPU where there is one): the EWC Fisher in fp32, the anchors and the
+    LwF teacher in each parameter's own dtype, every term on the model's device."""
+    first, second = stage(1, "R"), stage(2, "A")
+    for name in ("ewc", "lwf", "olora"):
+        method = make_method(name, tiny_llava, ucit_root, tmp_path / name, fisher_batches=2) \
+            if name == "ewc" else make_method(name, tiny_llava, ucit_root, tmp_path / name)
+        model = method.context.bundle.model.to(device=device, dtype=torch.bfloat16)
+        model = method.before_stage(model, first)
+        model = method.after_stage(model, first)
+        model = method.before_stage(model, second)
+        batch = {k: v.to(device) for k, v in batch_of(method, second, 2).items()}
+        term = next(iter(method.extra_losses(model, batch, model(**batch)).values()))
+        assert term.device.type == device and term.dtype == torch.float32 and term.isfinite()
+        params = dict(model.named_parameters())
+        for n, f in getattr(method, "fisher", {}).items():
+            assert f.dtype == torch.float32 and f.device == params[n].device
+            assert method.anchor[n].dtype == params[n].dtype
+        for n, t in getattr(method, "teacher", {}).items():
+            assert t.dtype == params[n].dtype and t.device == params[n].device
