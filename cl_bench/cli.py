@@ -30,6 +30,11 @@ def command(name: str) -> Callable:
 def cmd_list(args: argparse.Namespace) -> None:
     from cl_bench.registry import index_methods, load_suites
 
+    if args.markdown:
+        from cl_bench.method_table import methods_markdown
+
+        print(methods_markdown(), end="")
+        return
     print("Suites (default order; letters for --order):")
     for suite in load_suites():
         order = " -> ".join(f"{t.name} [{t.letter}]" for t in suite.tasks)
@@ -38,13 +43,15 @@ def cmd_list(args: argparse.Namespace) -> None:
     for entry in sorted(index_methods().values(), key=lambda e: e.name):
         print(f"  {entry.label}: {entry.summary}")
         if entry.base is None:
+            print(f"      paper: {entry.capabilities.paper}")
             print(f"      {capability_line(entry.capabilities)}")
 
 
 def capability_line(caps) -> str:
     """One line of a method's declared capabilities for ``clbench list``."""
     routing = "routes per sample" if caps.routes else "one model for every input"
-    return (f"trains: {caps.trains}; per task: {caps.growth}; {routing}; "
+    task_id = "needs the task id at test" if caps.task_id else "no task id at test"
+    return (f"trains: {caps.trains}; per task: {caps.growth}; {routing}; {task_id}; "
             f"launchers: {', '.join(caps.launchers)}")
 
 
@@ -185,7 +192,9 @@ def cmd_data(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list suites (with tasks and order) and methods")
+    listing = sub.add_parser("list", help="list suites (with tasks and order) and methods")
+    listing.add_argument("--markdown", action="store_true", help="print docs/methods.md: every "
+                         "method's paper, capabilities, variants and options (imports them)")
 
     run = sub.add_parser("run", help="run a method on a suite, stage by stage")
     run.add_argument("--method", help="method name (clbench list); several, comma-separated, "

@@ -161,7 +161,11 @@ class Method:
 
 
 def parse_options(method: type[Method], given: dict[str, Any]) -> Any:
-    """The method's Options dataclass from ``method.X`` config keys; unknown keys are errors."""
+    """The method's Options dataclass from ``method.X`` config keys; unknown keys are errors.
+
+    The runner parses options before it creates the run folder: an Options dataclass that checks
+    its values in ``__post_init__`` (raising CLBenchError) stops a bad run before any work.
+    """
     names = {f.name for f in dataclasses.fields(method.Options)}
     unknown = sorted(set(given) - names)
     if unknown:

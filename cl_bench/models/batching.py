@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,3 +68,14 @@ def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False
             images, return_tensors="pt"
         )["pixel_values"]
     return batch
+
+
+def training_batches(
+    samples: list[Sample], bundle: ModelBundle, batch_size: int, max_length: int,
+    device: torch.device,
+) -> Iterator[dict]:
+    """Training batches (ids, labels, images) of ``samples`` in order, moved to ``device``."""
+    data = ConversationDataset(samples, bundle, max_length)
+    for start in range(0, len(samples), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(samples)))]
+        yield {key: value.to(device) for key, value in collate_batch(items, bundle).items()}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
+from pathlib import Path
+
 import torch
 
 from cl_bench.config import LoraSettings
@@ -63,3 +67,60 @@ def language_model_linears(
         and "language_model" in name
         and name.rsplit(".", 1)[-1] in targets
     }
+
+
+def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def without_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under a PEFT model's LoRA layers, unmerged and sharing every weight (to
+    save the base weights of a model whose LoRA is kept apart); a plain model is returned as is."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return model
+    plain = shallow_copy(model.get_base_model())
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, LoraLayer):
+            plain.set_submodule(name, module.get_base_layer())
+    return plain
+
+
+def activate_adapters(model: torch.nn.Module, active: list[str], trainable: list[str]) -> None:
+    """Make ``active`` the adapters of every forward (their outputs summed), of which only
+    ``trainable`` train; the projector trains or not as before."""
+    projector_grad = [p.requires_grad for p in projector(model).parameters()]
+    model.base_model.set_adapter(active)  # PEFT marks every active adapter trainable
+    frozen = [f".{name}." for name in active if name not in trainable]
+    for name, param in model.named_parameters():
+        if "lora_" in name and any(tag in name for tag in frozen):
+            param.requires_grad_(False)
+    for param, grad in zip(projector(model).parameters(), projector_grad, strict=True):
+        param.requires_grad_(grad)
+
+
+def save_adapters(model: torch.nn.Module, folder: Path) -> None:
+    """Every LoRA adapter of a PEFT model, in PEFT's own format (``PeftModel.from_pretrained``
+    reads them back; an adapter other than ``default`` sits in a sub-folder of its name)."""
+    model.save_pretrained(str(folder))
+
+
+def load_adapters(model: torch.nn.Module, folder: Path, names: list[str]) -> torch.nn.Module:
+    """A plain ``model`` wrapped with the adapters ``names`` saved by ``save_adapters``."""
+    from peft import PeftModel
+
+    def where(name: str) -> Path:
+        path = folder if name == "default" else folder / name
+        if not (path / "adapter_config.json").is_file():
+            raise CLBenchError(f"{path}: no saved LoRA adapter {name!r} (adapter_config.json)")
+        return path
+
+    peft_model = PeftModel.from_pretrained(model, str(where(names[0])), adapter_name=names[0],
+                                           is_trainable=True)
+    for name in names[1:]:
+        peft_model.load_adapter(str(where(name)), adapter_name=name, is_trainable=True)
+    return peft_model

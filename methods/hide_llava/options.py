@@ -28,17 +28,32 @@ class HiDeOptions:
     """
 
     rank: int | None = None
+    """Rank of each task's LoRA (None: the config's lora.rank; paper: 8)."""
     temperature: float = 0.1
+    """T of the routing softmax (eq. 4; Appendix C, Figure 7)."""
     image_weight: float = 0.5
+    """alpha of eq. 4, the weight of the image similarity (Figure 4: 1 or 0)."""
     text_weight: float = 0.5
+    """beta of eq. 4, the weight of the instruction similarity (Figure 4: 0 or 1)."""
     fusion: str = "sum"
+    """sum (eq. 6: sum of the tasks' B_i A_i) or reference ((sum B_i)(sum A_i), the reference
+    code)."""
     fusion_weight: float = 1.0
+    """eps_i of eq. 6 (Figure 5)."""
     layout: str = "hide"
+    """Which layers are routed, fused or left without LoRA: hide, merge_all, merge_rest,
+    expand_all, expand_rest (Table 3)."""
     top_layers: int = 1
+    """How many of the highest decoder layers count as the top."""
     encoder: str | None = None
+    """The anchors' feature encoder: a local CLIP folder, llava, or None for the suite's
+    default."""
     text_feature: str = "pooled"
+    """CLIP text feature: the text tower's pooled output (reference code) or projected."""
     anchor_samples: int | None = None
+    """Training samples per task the anchors average over (None: all of them)."""
     encoder_batch: int = 64
+    """Batch size of the anchor computation."""
 
 
 def check_options(o: HiDeOptions) -> None:

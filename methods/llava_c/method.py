@@ -46,11 +46,19 @@ class LlavaCOptions:
     """alpha: mix ratio; consolidation: sac|modelmix|none; uir: mse|l2|fkl|replay|none."""
 
     alpha: float = 0.2
+    """The mix ratio alpha in [0, 1] (eq. 4-7; LLaVA-c: 0.2)."""
     consolidation: str = "sac"
+    """sac (eq. 5-7), modelmix (eq. 4: alpha * delta) or none (plain merge)."""
     boundary: str = "pad"
+    """SAC's window past the last singular value: pad with it (footnote 2) or truncate
+    (Algorithm 1)."""
     uir: str = "mse"
+    """The regularizer while training: mse or l2 (eq. 8-9), fkl (forward KL, Fig. 9), replay
+    (inquiries with the previous model's answers, Fig. 9) or none."""
     inquiry_file: str | None = None
+    """UIR's unlabeled text-only inquiries (a JSON list of {id, text}; None: the suite's)."""
     inquiry_batch: int = 0
+    """Inquiries per training step (0: the training batch size)."""
 
 
 Update = LoraFactors | torch.Tensor
