@@ -13,6 +13,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from cl_bench.config import LoraSettings
 from cl_bench.errors import CLBenchError
+from tasks.images import open_rgb
 
 IGNORE_INDEX = -100
 
@@ -90,11 +91,8 @@ def encode_conversation(
 
 
 def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise CLBenchError(f"cannot read image {path}: {err}") from None
+    """The image as RGB, whatever its mode and bit depth (``tasks.images.to_rgb``)."""
+    return open_rgb(path)
 
 
 def lora_target_regex(targets: list[str]) -> str:

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from cl_bench.errors import CLBenchError
+from tasks.captions import CAPTION_METRICS
 from tasks.scoring import (
-    CAPTION_METRICS,
     SCORERS,
     TaskScore,
     extract_option_letter,
@@ -167,14 +167,21 @@ def test_vqa_accuracy_with_ten_human_answers() -> None:
     # normalised: 2, 2, 2, 3, 3, 2, dog, dog, dog, dogs
     refs = {"q1": humans, "q2": humans, "q3": humans, "q4": humans, "q5": humans}
     preds = {"q1": "2", "q2": "Three", "q3": "dogs", "q4": "The dog.", "q5": "cat"}
-    # q1: 4 humans said "2" -> min(4/3, 1) = 1; q2: 2 said "3" -> 2/3; q3: 1 said "dogs" -> 1/3
-    # q4: 3 said "dog" -> 1; q5: 0 -> 0. Score = 100 * (1 + 2/3 + 1/3 + 1 + 0) / 5 = 60
+    # Official: mean over the 10 leave-one-out sets of min(matches among the other 9 / 3, 1).
+    # q1: 4 said "2": leaving out a "2" leaves 3 -> 1, any other leaves 4 -> 1; mean 1
+    # q2: 2 said "3": (2 * min(1/3, 1) + 8 * min(2/3, 1)) / 10 = (2/3 + 16/3) / 10 = 0.6
+    # q3: 1 said "dogs": (1 * 0 + 9 * 1/3) / 10 = 0.3
+    # q4: 3 said "dog": (3 * 2/3 + 7 * 1) / 10 = 0.9; q5: 0
+    # Score = 100 * (1 + 0.6 + 0.3 + 0.9 + 0) / 5 = 56
     result = score_task("vqa", preds, refs)
     assert result.per_sample == pytest.approx(
-        {"q1": 1.0, "q2": 2 / 3, "q3": 1 / 3, "q4": 1.0, "q5": 0.0}
+        {"q1": 1.0, "q2": 0.6, "q3": 0.3, "q4": 0.9, "q5": 0.0}
     )
-    assert result.score == pytest.approx(60.0)
-    assert result.rule == "vqa_accuracy"
+    assert result.score == pytest.approx(56.0)
+    assert result.rule == "vqa_official"
+    # The simplified form, beside it: min(matches / 3, 1) over all 10
+    # = 100 * (1 + 2/3 + 1/3 + 1 + 0) / 5 = 60
+    assert result.details == pytest.approx({"vqa_official": 56.0, "vqa_min3": 60.0})
 
 
 def test_vqa_single_reference_is_exact_match() -> None:
