@@ -364,7 +364,8 @@ def _objects(data: dict, key: str) -> list[dict]:
 
 def _required(item: dict, where: str, key: str) -> object:
     if item.get(key) is None:
-        raise CLBenchError(f"{where}: missing key {key!r}")
+        raise CLBenchError(f"{where}: " + (f"key {key!r} is null" if key in item
+                                           else f"missing key {key!r}"))
     return item[key]
 
 
