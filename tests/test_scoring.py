@@ -15,8 +15,10 @@ from tasks.scoring import (
     iou,
     normalize_vqa_answer,
     parse_box,
+    read_integer,
     score_task,
     vqa_accuracy,
+    vqa_accuracy_min3,
 )
 
 # ---------------------------------------------------------------- option letters
@@ -184,11 +186,60 @@ def test_vqa_accuracy_with_ten_human_answers() -> None:
     assert result.details == pytest.approx({"vqa_official": 56.0, "vqa_min3": 60.0})
 
 
+@pytest.mark.parametrize(
+    "matching, official, simple",
+    # n = 10 answers, m matching: official = (m * min((m-1)/3, 1) + (10-m) * min(m/3, 1)) / 10
+    [(0, 0.0, 0.0), (1, 0.3, 1 / 3), (2, 0.6, 2 / 3), (3, 0.9, 1.0), (4, 1.0, 1.0),
+     (10, 1.0, 1.0)],
+)
+def test_official_vqa_accuracy_leaves_each_answer_out(
+    matching: int, official: float, simple: float
+) -> None:
+    humans = ["cat"] * matching + ["dog"] * (10 - matching)
+    assert vqa_accuracy("Cat", humans) == pytest.approx(official)
+    assert vqa_accuracy_min3("Cat", humans) == pytest.approx(simple)
+
+
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"), ("Im", "i'm"),
+     ("twas", "'twas")],
+)
+def test_contractions_missing_some_apostrophes(raw: str, normalised: str) -> None:
+    assert normalize_vqa_answer(raw) == normalised
+
+
 def test_vqa_single_reference_is_exact_match() -> None:
     assert vqa_accuracy("The Cat.", ["cat"]) == 1.0
     assert vqa_accuracy("cats", ["cat"]) == 0.0
     assert vqa_accuracy("", [""]) == 0.0  # empty never correct
     assert vqa_accuracy("", ["a", "the"]) == 0.0
+
+
+# ---------------------------------------------------------------- lenient numbers
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [("3", 3), (" 3. ", 3), ("three", 3), ("Twenty-one", 21), ("ninety nine", 99), ("1,000", 1000),
+     ("3.0", 3), ("-2", -2), ("3.5", None), ("none", None), ("a 3", None), ("", None),
+     ("3 cubes", None)],
+)
+def test_read_integer(text: str, number: int | None) -> None:
+    assert read_integer(text) == number
+
+
+def test_lenient_numbers_are_reported_beside_the_exact_score() -> None:
+    refs = {f"q{i}": [r] for i, r in enumerate(["3", "3", "3", "3", "10", "cube", "cube", "0"])}
+    preds = dict(zip(refs, ["3", "4", "5", "three", "nine.", "cube", "sphere", ""], strict=True))
+    # exact: q0, q5 -> 2 / 8 = 25; lenient adds q1 (off by one), q3 ("three" = 3), q4 (9 vs 10):
+    # 5 / 8 = 62.5 (q2 is off by two, q6 a wrong word, q7 empty)
+    result = score_task("word", preds, refs)
+    assert result.score == pytest.approx(25.0)
+    assert result.per_sample["q1"] == 0.0  # the exact score is never replaced
+    assert result.details == {"numeric_lenient": pytest.approx(62.5)}
+    words = score_task("word", {"q": "cat"}, {"q": ["dog"]})
+    assert words.details == {}  # no whole-number reference: no lenient score
 
 
 # ---------------------------------------------------------------- boxes
@@ -338,3 +389,24 @@ def test_caption_scores_identical_captions_above_wrong_ones() -> None:
     assert good.score == pytest.approx(sum(good.details.values()) / 7)
     assert good.score > bad.score >= 0.0
     assert good.per_sample == {}
+
+
+def test_caption_metrics_keep_each_caption_on_its_question() -> None:
+    # A line break or Unicode line separator inside a caption used to split it in two for the
+    # PTB tokenizer and shift every later caption onto the wrong question, silently.
+    refs = {
+        "a": ["a red square\r\non white"], "b": ["a blue\u2028circle"], "c": ["two green dogs"],
+    }
+    preds = {"a": "a red square on white", "b": "a blue circle", "c": "two green dogs"}
+    result = score_task("caption", preds, refs)
+    assert result.notes == ()
+    assert result.details["Bleu_1"] == pytest.approx(100.0)
+    assert result.details["METEOR"] == pytest.approx(100.0, abs=1.0)
+
+
+def test_an_empty_prediction_set_gives_a_score() -> None:
+    refs = {"a": ["a red square"], "b": ["a blue circle", "one blue circle"]}
+    result = score_task("caption", {"a": "", "b": "   "}, refs)
+    assert result.notes == ()
+    assert all(v is not None for v in result.details.values())
+    assert result.score == pytest.approx(0.0, abs=1e-6)
