@@ -14,6 +14,7 @@ before whose size and modification time are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterable
@@ -106,7 +107,10 @@ def verify_images(
     images that fail. ``cache`` (a text file) lists images verified before by size, modification
     time and path: those are skipped, and the newly verified ones are added."""
     paths = list(dict.fromkeys(paths))
-    known = set(cache.read_text().splitlines()) if cache and cache.is_file() else set()
+    known: set[str] = set()
+    if cache is not None and cache.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            known = set(cache.read_text(encoding="utf-8").splitlines())
     stamps = {p: _stamp(p) for p in paths}
     todo = [p for p in paths if stamps[p] not in known]
     workers = workers or min(16, os.cpu_count() or 1)
@@ -118,10 +122,19 @@ def verify_images(
             bar.update()
             if problem is not None:
                 problems[path] = problem
-    if cache is not None:
-        verified = known | {stamps[p] for p in todo if p not in problems}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text("".join(f"{line}\n" for line in sorted(verified)))
-        partial.replace(cache)
+    if cache is not None and todo:
+        remember(cache, known | {stamps[p] for p in todo if p not in problems})
     return problems
+
+
+def remember(cache: Path, verified: set[str]) -> None:
+    """Write the verified images' stamps (temporary file, then rename); a cache that cannot be
+    written (a read-only home, say) only costs decoding again next time."""
+    partial = cache.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("".join(f"{line}\n" for line in sorted(verified)), encoding="utf-8")
+        partial.replace(cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)

@@ -134,3 +134,10 @@ def test_verified_images_are_remembered_until_they_change(
     decoded.clear()
     verify_images(paths, cache)
     assert decoded == [paths[2]]  # a failed image is never remembered as verified
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(image)
+    (tmp_path / "a-file").write_text("not a folder")
+    assert verify_images([image], tmp_path / "a-file" / "verified.txt") == {}

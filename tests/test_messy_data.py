@@ -353,3 +353,18 @@ def test_the_data_check_command_reads_fast(root: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "cannot be decoded" not in out and "images missing" in out
     assert "not decoded (--fast)" in out
+
+
+def test_the_665k_splitter_never_makes_a_none_question() -> None:
+    from tasks.llava665k import probe_records
+
+    records = [
+        {"id": "a", "conversations": [{"from": "human", "value": None},
+                                      {"from": "gpt", "value": "Red."}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "Which colour?"},
+                                      {"from": "gpt", "value": ["red"]}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Which colour?"},
+                                      {"from": "gpt", "value": "Red."}]},
+    ]
+    probes = probe_records("tqa", records, size=5)
+    assert [p["source_id"] for p in probes] == ["c"]

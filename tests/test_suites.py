@@ -430,6 +430,13 @@ def test_quick_sequential_run_with_a_letter_order(
     assert summary["Avg"] is not None
     rows = read_records(tmp_path / "run" / "predictions" / "stage_2" / "TextVQA.jsonl")
     assert all(len(r["references"]) == 10 for r in rows)
+    final = read_records(tmp_path / "run" / "records.jsonl")[-1]
+    assert set(final["details"]["TextVQA"]) == {"vqa_official", "vqa_min3"}
+    assert final["scores"]["TextVQA"] == final["details"]["TextVQA"]["vqa_official"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| Avg | Last (MFN) | MFT |" in report
+    assert "## Task metrics beside the scores (stage 2)" in report
+    assert "| TextVQA | " in report and "vqa_official" in report and "vqa_min3" in report
 
 
 # ---------------------------------------------------------------- reference files and records
