@@ -195,16 +195,20 @@ def box_text(box: object, key: str = "answer_bbox") -> str:
     raise CLBenchError(f"key {key!r}: expected [x1, y1, x2, y2], got {json_type(box)}")
 
 
-def record_id(rec: dict) -> str:
-    """A record's ``id`` (or ``question_id``): a non-empty string or an integer."""
-    key = "id" if rec.get("id") is not None else "question_id"
-    rid = rec.get(key)
-    if rid is None:
-        raise CLBenchError("missing key 'id' (or 'question_id')")
-    if isinstance(rid, bool) or not isinstance(rid, int | str) or rid == "":
+def id_text(value: object, key: str) -> str:
+    """An id: a non-empty string or an integer, as text; anything else names ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
         raise CLBenchError(f"key {key!r}: expected a non-empty string or an integer, "
-                           f"got {json_type(rid)}")
-    return str(rid)
+                           f"got {json_type(value)}")
+    return str(value)
+
+
+def record_id(rec: dict) -> str:
+    """A record's ``id`` (or ``question_id``)."""
+    key = "id" if rec.get("id") is not None else "question_id"
+    if rec.get(key) is None:
+        raise CLBenchError("missing key 'id' (or 'question_id')")
+    return id_text(rec[key], key)
 
 
 # ---------------------------------------------------------------- records
@@ -287,9 +291,10 @@ def image_path(image: object, root: Path) -> Path | None:
     if image is None or image == "":
         return None
     if not isinstance(image, str):
-        several = " (records with several images are not supported)" * isinstance(image, list)
-        raise CLBenchError(f"key 'image': expected one relative path, got {json_type(image)}"
-                           f"{several}")
+        message = f"key 'image': expected one relative path, got {json_type(image)}"
+        if isinstance(image, list):
+            message += " (records with several images are not supported)"
+        raise CLBenchError(message)
     relative = image.replace("\\", "/")
     if relative.startswith("/") or PureWindowsPath(relative).drive:
         raise CLBenchError(
@@ -332,7 +337,8 @@ def read_reference_table(path: Path) -> ReferenceTable:
     data = read_json(path)
     try:
         if isinstance(data, dict) and "images" in data:
-            by_id, (by_image, notes) = {}, _coco_captions(data)
+            by_id = {}
+            by_image, notes = _coco_captions(data)
         else:
             by_id, by_image, notes = _answer_rows(data)
     except CLBenchError as err:
@@ -422,27 +428,20 @@ def _answer_rows(data: object) -> tuple[dict[str, list[str]], dict[str, list[str
         if not isinstance(row, dict):
             raise CLBenchError(f"{where}: expected an object, got {json_type(row)}")
         if row.get("answer_bbox") is not None:
-            rid = _row_id(row, where, "answer_bbox")
+            rid = id_text(_required(row, where, "question_id"), f"{where}.question_id")
             by_id[rid] = [box_text(row["answer_bbox"], f"{where}.answer_bbox")]
         if row.get("answers") in (None, [], ""):
             empty += "answer_bbox" not in row
             continue
         answers = list(reference_list(row["answers"], f"{where}.answers"))
         if row.get("question_id") is not None:
-            by_id[_row_id(row, where, "answers")] = answers
+            by_id[id_text(row["question_id"], f"{where}.question_id")] = answers
         elif isinstance(row.get("image"), str) and row["image"]:
             by_image[PurePosixPath(row["image"].replace("\\", "/")).name] = answers
         else:
             raise CLBenchError(f"{where}: answers without a 'question_id' or an 'image'")
     notes = [f"{empty} row(s) without answers (ignored)"] * bool(empty)
     return by_id, by_image, notes
-
-
-def _row_id(row: dict, where: str, what: str) -> str:
-    try:
-        return record_id({"question_id": row.get("question_id")})
-    except CLBenchError as err:
-        raise CLBenchError(f"{where}: {what} without a usable question id ({err})") from None
 
 
 def with_references(samples: list[Sample], table: ReferenceTable) -> tuple[list[Sample], int]:

@@ -266,7 +266,7 @@ def test_vqa_answer_variants(tmp_path: Path) -> None:
          r"annotations\[0\]\.answers\[1\]': expected text, got null"),
         ({"data": [{"answers": ["a"]}]}, r"data\[0\]: answers without a 'question_id' or an"),
         ({"data": [{"question_id": [1], "answers": ["a"]}]},
-         r"data\[0\]: answers without a usable question id"),
+         r"key 'data\[0\]\.question_id': expected a non-empty string or an integer"),
         ([{"question_id": 1, "answer_bbox": [0.1, 0.2, 0.3]}],
          r"key 'row 0\.answer_bbox': expected \[x1, y1, x2, y2\], got a list"),
         ({"questions": []}, r"unrecognised reference file \(found keys 'questions'"),
