@@ -311,7 +311,8 @@ def check_images(report: DataReport, fast: bool, cache: Path | None) -> str:
         return (f"Images: {len(images):,} looked up, not decoded (--fast): an undecodable "
                 "image would stop a run before training.")
     store = cache_file(cache, report.data_root) if cache else None
-    broken = verify_images(images, store)
+    verified = verify_images(images, store)
+    broken = verified.problems
     for task in report.tasks:
         for read in task.read:
             bad = [img for img in read.images if img in broken]
@@ -323,7 +324,11 @@ def check_images(report: DataReport, fast: bool, cache: Path | None) -> str:
                 f"{read.path.name}: {len(bad)} of {len(read.images)} images cannot be "
                 f"decoded, e.g. {_examples(examples)}"
             )
-    return f"Images: {len(images):,} opened and decoded, {len(broken):,} failed."
+    if not verified.remembered:
+        return f"Images: {len(images):,} opened and decoded, {len(broken):,} failed."
+    return (f"Images: {len(images):,} checked: {verified.decoded:,} opened and decoded now, "
+            f"{verified.remembered:,} decoded by an earlier check and unchanged since; "
+            f"{len(broken):,} failed.")
 
 
 def _with_reference_file(

@@ -8,8 +8,8 @@ turns a 16-bit PNG almost white), float images in 0..1 are scaled by 255. Every 
 L, P, CMYK, YCbCr, ...) uses PIL's own conversion.
 
 ``verify_images`` opens and fully decodes every image once, in parallel with a progress bar,
-and returns the ones that fail with the reason. With a cache file it skips images verified
-before whose size and modification time are unchanged.
+and names the ones that fail with the reason. With a cache file it skips images verified before
+whose size and modification time are unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,22 @@ def cache_file(cache_dir: Path, image_root: Path) -> Path:
     return cache_dir / f"{key}.txt"
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What ``verify_images`` did: the images that failed (with why), how many it decoded and
+    how many it skipped as verified before and unchanged."""
+
+    problems: dict[Path, str]
+    decoded: int
+    remembered: int
+
+
 def verify_images(
     paths: Iterable[Path], cache: Path | None = None, workers: int | None = None,
-) -> dict[Path, str]:
-    """Decode every image once (threads, with a progress bar); returns {path: problem} for the
-    images that fail. ``cache`` (a text file) lists images verified before by size, modification
-    time and path: those are skipped, and the newly verified ones are added."""
+) -> Verified:
+    """Decode every image once (threads, with a progress bar) and name those that fail.
+    ``cache`` (a text file) lists images verified before by size, modification time and path:
+    those are skipped, and the newly verified ones are added."""
     paths = list(dict.fromkeys(paths))
     known: set[str] = set()
     if cache is not None and cache.is_file():
@@ -124,7 +135,7 @@ def verify_images(
                 problems[path] = problem
     if cache is not None and todo:
         remember(cache, known | {stamps[p] for p in todo if p not in problems})
-    return problems
+    return Verified(problems, len(todo), len(paths) - len(todo))
 
 
 def remember(cache: Path, verified: set[str]) -> None:

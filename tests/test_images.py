@@ -103,7 +103,7 @@ def test_undecodable_images_are_named_with_the_reason(tmp_path: Path) -> None:
         with pytest.raises(CLBenchError, match=f"cannot read image .*{name}.jpg: .+"):
             open_rgb(path)
     good = tmp_path / "good.jpg"
-    problems = verify_images([*bad.values(), good], workers=2)
+    problems = verify_images([*bad.values(), good], workers=2).problems
     assert set(problems) == set(bad.values())
     assert "truncated" in problems[bad["truncated"]].lower()
 
@@ -124,12 +124,14 @@ def test_verified_images_are_remembered_until_they_change(
 
     monkeypatch.setattr(tasks.images, "decode_problem", counting)
     cache = tmp_path / "cache" / "verified.txt"
-    assert verify_images(paths, cache) == {}
+    first = verify_images(paths, cache)
+    assert first.problems == {} and (first.decoded, first.remembered) == (4, 0)
     assert sorted(decoded) == sorted(paths)
     decoded.clear()
-    assert verify_images(paths, cache) == {} and decoded == []  # all remembered
+    second = verify_images(paths, cache)
+    assert decoded == [] and (second.decoded, second.remembered) == (0, 4)  # all remembered
     paths[2].write_bytes(b"broken now")  # changed: size and time differ
-    problems = verify_images(paths, cache)
+    problems = verify_images(paths, cache).problems
     assert decoded == [paths[2]] and set(problems) == {paths[2]}
     decoded.clear()
     verify_images(paths, cache)
@@ -140,4 +142,4 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     Image.new("RGB", (4, 4)).save(image)
     (tmp_path / "a-file").write_text("not a folder")
-    assert verify_images([image], tmp_path / "a-file" / "verified.txt") == {}
+    assert verify_images([image], tmp_path / "a-file" / "verified.txt").problems == {}
