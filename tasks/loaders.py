@@ -65,7 +65,7 @@ def read_text(path: Path) -> str:
         raise CLBenchError(
             f"{path}: byte offset {nul} (line {line}): a NUL byte, so "
             "this is not UTF-8 text: UTF-16/32 without a byte-order mark, a binary file, or an "
-            "incomplete download? Data files must be UTF-8"
+            "incomplete download? Files must be UTF-8"
         )
     return _decode_bytes(data, "utf-8", path, 0)
 
@@ -87,7 +87,7 @@ def _decode_bytes(data: bytes, codec: str, path: Path, skipped: int) -> str:
         expected = "UTF-8" if codec == "utf-8" else f"{codec.upper()} (its byte-order mark)"
         raise CLBenchError(
             f"{path}: byte offset {offset} (line {line}): bytes {bad} are not valid {expected}. "
-            "Data files must be UTF-8 (a UTF-8 or UTF-16 byte-order mark is also accepted): "
+            "Files must be UTF-8 (a UTF-8 or UTF-16 byte-order mark is also accepted): "
             "re-save it as UTF-8, e.g. `iconv -f <its encoding> -t utf-8`"
         ) from None
 

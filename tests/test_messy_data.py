@@ -368,3 +368,11 @@ def test_the_665k_splitter_never_makes_a_none_question() -> None:
     ]
     probes = probe_records("tqa", records, size=5)
     assert [p["source_id"] for p in probes] == ["c"]
+
+
+def test_a_config_file_in_another_encoding(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_bytes("train:\n  learning_rate: 1.0e-4  # café\n".encode("latin-1"))
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: byte offset 37 (line 2): bytes e9 are not valid UTF-8" in err
