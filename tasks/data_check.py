@@ -24,6 +24,7 @@ from pathlib import Path
 from cl_bench.errors import CLBenchError
 from tasks.images import cache_file, verify_images
 from tasks.loaders import (
+    IMAGE_TOKEN,
     Sample,
     load_samples,
     parse_record,
@@ -46,6 +47,7 @@ class FileCheck:
     images: list[Path] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -229,6 +231,7 @@ def check_task(suite: Suite, spec: TaskSpec, data_root: Path) -> TaskCheck:
         read = read_file(path, found.image_root)
         check.read.append(read)
         check.problems += read.problems
+        check.notes += read.notes
         if read.missing_images:
             check.missing_images += len(read.missing_images)
             check.problems.append(
@@ -268,14 +271,16 @@ def read_file(path: Path, image_root: Path) -> FileCheck:
     result.records = len(records)
     if not records:
         result.problems.append(f"{path}: no records")
-    bad = []
+    bad, parsed = [], []
     for i, record in enumerate(records):
         try:
             result.samples.append(parse_record(record, f"record {i}", image_root, False))
+            parsed.append(record)
         except CLBenchError as err:
             bad.append(str(err))
     if bad:
         result.problems.append(f"{path}: {len(bad)} bad record(s): {_examples(bad)}")
+    result.notes += image_notes(path, parsed, result.samples)
     for image in dict.fromkeys(s.image for s in result.samples if s.image is not None):
         if image.is_file():
             result.images.append(image)
@@ -284,6 +289,29 @@ def read_file(path: Path, image_root: Path) -> FileCheck:
     shown = result.missing_images[:SHOWN]
     result.missing_images[:SHOWN] = [_missing_hint(image_root, m) for m in shown]
     return result
+
+
+def image_notes(path: Path, records: list[dict], samples: list[Sample]) -> list[str]:
+    """Notes on records (``records[i]`` parsed as ``samples[i]``) asked without an image: when
+    only some have one (a lost 'image' key?), and when one names no image but its question has
+    an '<image>' token (an image under another key, e.g. 'img', is never read)."""
+    blind = [(r, s) for r, s in zip(records, samples, strict=True) if s.image is None]
+    notes = []
+    if blind and len(blind) < len(samples):
+        notes.append(f"{path.name}: {len(blind)} of {len(samples)} records have no image and are "
+                     f"asked without one, e.g. ids {_examples([s.id for _, s in blind])}")
+    tokens = [s.id for r, s in blind if _mentions_image(r)]
+    if tokens:
+        notes.append(f"{path.name}: {len(tokens)} record(s) name no image but have an "
+                     f"'{IMAGE_TOKEN}' token, e.g. ids {_examples(tokens)}")
+    return notes
+
+
+def _mentions_image(record: dict) -> bool:
+    turns = record.get("conversations")
+    texts = [record.get("text"), *(t.get("value") for t in turns if isinstance(t, dict))] if (
+        isinstance(turns, list)) else [record.get("text")]
+    return any(isinstance(t, str) and IMAGE_TOKEN in t for t in texts)
 
 
 def _missing_hint(image_root: Path, relative: str) -> str:

@@ -376,3 +376,17 @@ def test_a_config_file_in_another_encoding(tmp_path: Path, capsys) -> None:
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"{config}: byte offset 37 (line 2): bytes e9 are not valid UTF-8" in err
+
+
+def test_records_asked_without_their_image_are_noted(root: Path) -> None:
+    records = read_records(clevr(root))
+    records[0]["img"] = records[0].pop("image")  # an image under another key is never read
+    records[0]["text"] = "<image>\n" + records[0]["text"]
+    write_json(clevr(root), records)
+    report = check_suite_data(UCIT, root, [UCIT.task("CLEVR-Math")])
+    assert report.ok  # a run may start (text-only questions exist), but the user is told
+    notes = report._findings("notes")
+    assert any("test_3000.json: 1 of 3 records have no image and are asked without one, e.g. "
+               "ids CLEVR-0" in n for n in notes)
+    assert any("test_3000.json: 1 record(s) name no image but have an '<image>' token, e.g. "
+               "ids CLEVR-0" in n for n in notes)
