@@ -89,7 +89,9 @@ def ptb_tokenize(texts: list[str]) -> list[str]:
     if done.returncode != 0:
         tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
         raise RuntimeError(f"java exited with code {done.returncode} {tail}")
-    out = done.stdout.decode("utf-8", "replace").split("\n")[: len(todo)]
+    out = done.stdout.decode("utf-8", "replace").split("\n")
+    if out[-1] == "":
+        out.pop()  # after the last line's break
     if len(out) != len(todo):
         raise RuntimeError(f"the tokenizer returned {len(out)} lines for {len(todo)} captions")
     tokenized = iter(out)
