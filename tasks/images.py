@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cl_bench.errors import CLBenchError
+from cl_bench.errors import CLBenchError, describe
 
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 DEEP_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -71,11 +71,6 @@ def open_rgb(path: Path) -> Image.Image:
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
         problem = describe(err)
     raise CLBenchError(f"cannot read image {path}: {problem}")
-
-
-def describe(err: Exception) -> str:
-    """An exception as "Type: message" (PIL's messages alone can be terse)."""
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 def decode_problem(path: Path) -> str | None:
