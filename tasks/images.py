@@ -35,14 +35,12 @@ WHITE = (255, 255, 255, 255)
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit RGB: alpha composited on white, deep grey levels scaled, not clipped."""
-    if image.mode == "RGB":
-        return image
     if image.mode in DEEP_GREY_MODES:
         return Image.fromarray(_grey_to_8bit(image), "L").convert("RGB")
     if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, WHITE), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _grey_to_8bit(image: Image.Image) -> np.ndarray:
@@ -64,13 +62,11 @@ def _grey_to_8bit(image: Image.Image) -> np.ndarray:
 
 def open_rgb(path: Path) -> Image.Image:
     """The image at ``path``, fully decoded, as RGB; an unreadable file is a clear error."""
-    problem = None
     try:
         with Image.open(path) as img:
             return to_rgb(img.copy() if img.mode == "RGB" else img)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
-        problem = describe(err)
-    raise CLBenchError(f"cannot read image {path}: {problem}")
+        raise CLBenchError(f"cannot read image {path}: {describe(err)}") from None
 
 
 def decode_problem(path: Path) -> str | None:

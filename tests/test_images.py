@@ -25,6 +25,14 @@ def palette_with_transparency() -> Image.Image:
     return img
 
 
+def rgb_keyed() -> Image.Image:
+    """An RGB PNG whose black is transparent (a tRNS colour key)."""
+    img = Image.new("RGB", (2, 1), BLACK)
+    img.putpixel((1, 0), RED)
+    img.info["transparency"] = BLACK
+    return img
+
+
 def grey16() -> Image.Image:
     """A 16-bit grey image (I;16): 0, 257 * 128 = 32896 and 65535."""
     return Image.fromarray(np.array([[0, 32896, 65535, 65535]], dtype=np.uint16))
@@ -49,6 +57,8 @@ CASES = [
     ("1-bit", lambda: Image.frombytes("1", (8, 1), bytes([0b01000000])), ".png",
      {(0, 0): BLACK, (1, 0): WHITE}),
     ("L", lambda: Image.new("L", (2, 2), 77), ".png", {(0, 0): (77, 77, 77)}),
+    ("RGB with a transparent colour", lambda: rgb_keyed(), ".png",
+     {(0, 0): WHITE, (1, 0): RED}),
 ]
 
 
