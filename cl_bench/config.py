@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from cl_bench.errors import CLBenchError
+from tasks.loaders import read_text
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -179,7 +180,7 @@ def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise CLBenchError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path)) or {}  # read_text: encoding errors name the byte
     except yaml.YAMLError as err:
         raise CLBenchError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):

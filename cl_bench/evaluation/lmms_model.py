@@ -19,6 +19,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import BeforeBatch, generate_texts
 from cl_bench.models.batching import collate_batch
 from cl_bench.models.llava import ModelBundle, encode_prompt, load_image
+from tasks.images import to_rgb
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -120,7 +121,7 @@ def first_image(visuals, task: str) -> Image.Image | None:
     if not isinstance(image, Image.Image):
         raise CLBenchError(f"lmms-eval task {task} gives {type(image).__name__} inputs; "
                            "cl-bench's bridge answers image and text tasks only")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def cut_at(text: str, until: tuple[str, ...]) -> str:

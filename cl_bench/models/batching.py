@@ -16,6 +16,7 @@ from cl_bench.models.llava import (
     encode_prompt,
     load_image,
 )
+from tasks.images import to_rgb
 from tasks.loaders import Sample
 
 
@@ -41,7 +42,7 @@ def prompt_item(bundle: ModelBundle, question: str, image: Path | Image.Image | 
     if isinstance(image, Path):
         image = load_image(image)
     elif image is not None:
-        image = image.convert("RGB")
+        image = to_rgb(image)
     return {"ids": encode_prompt(bundle, question, image is not None), "image": image}
 
 

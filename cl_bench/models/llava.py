@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from cl_bench.errors import CLBenchError
+from tasks.images import open_rgb
 
 IGNORE_INDEX = -100
 
@@ -89,8 +90,5 @@ def encode_conversation(
 
 
 def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise CLBenchError(f"cannot read image {path}: {err}") from None
+    """The image as RGB, whatever its mode and bit depth (``tasks.images.to_rgb``)."""
+    return open_rgb(path)

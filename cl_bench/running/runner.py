@@ -102,6 +102,8 @@ def evaluate_all(
         folder.write_predictions(stage, result, test_sets[task.name])
         results[task.name] = result
         log(f"stage {stage}: {task.name} = {result.score.score:.2f}")
+        for note in result.score.notes:
+            log(f"stage {stage}: {task.name}: {note}")
     return results
 
 
@@ -111,6 +113,7 @@ def stage_record(stage: Stage | None, results: dict[str, TaskResult], extra: dic
         "trained_on": [t.name for t in stage.tasks] if stage else [],
         "scores": {name: r.score.score for name, r in results.items()},
         "details": {name: r.score.details for name, r in results.items() if r.score.details},
+        "notes": {name: list(r.score.notes) for name, r in results.items() if r.score.notes},
         **extra,
     }
 
@@ -129,10 +132,10 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     spec = get_method(cfg.method)
     options = spec.options(cfg.method_options)
     tasks = suite.resolve_order(cfg.order)
+    data_root = resolve_data_root(suite, cfg)
+    require_valid_data(suite, data_root, tasks, cache_dir() / "verified-images")
     folder = reopen_folder(cfg) if resume else create_folder(cfg)
     trackers = Trackers(cfg.report_to, folder.path, to_dict(cfg))
-    data_root = resolve_data_root(suite, cfg)
-    require_valid_data(suite, data_root, tasks)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
     bundle = load_llava(resolve_model(suite, cfg))
     ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
