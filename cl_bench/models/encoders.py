@@ -107,8 +107,8 @@ class LlavaEncoder:
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = self.bundle.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         tower = self._model.model.vision_tower
-        device = next(tower.parameters()).device
-        return tower(pixel_values=pixels.to(device)).pooler_output.float()
+        weight = next(tower.parameters())
+        return tower(pixel_values=pixels.to(weight)).pooler_output.float()
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
@@ -154,6 +154,24 @@ def load_encoder(spec: str, bundle: ModelBundle, text_feature: str = "pooled") -
         raise CLBenchError(f"cannot load a CLIP model from {folder}: {err}") from None
     device = next(bundle.model.parameters()).device
     return ClipEncoder(model.to(device).eval(), tokenizer, processor, folder, text_feature)
+
+
+def method_encoder(spec: str | None, context, text_feature: str, method: str) -> Encoder:
+    """The encoder a method's ``encoder`` option names (a CLIP folder or ``llava``), else the
+    suite's default (the micro world's tiny CLIP); a clear error when there is neither."""
+    suite = context.suite
+    if spec is None and suite.default_encoder:
+        from cl_bench.registry import call_target
+        from cl_bench.running.runner import cache_dir
+
+        spec = str(call_target(suite.default_encoder, cache_dir()))
+    if spec is None:
+        raise CLBenchError(
+            f"{method} needs a feature encoder and suite {suite.name} has no default: give "
+            "method.encoder=PATH (a local CLIP folder, e.g. clip-vit-large-patch14-336) or "
+            f"method.encoder={LLAVA_ENCODER}"
+        )
+    return load_encoder(spec, context.bundle, text_feature)
 
 
 def _image_processor_class() -> type:

@@ -171,6 +171,7 @@ def run_stage(
     train_info = train_model(
         model, ctx.bundle, method.training_samples(stage), ctx.config.train,
         folder.path / "trainer", ctx.config.seed + stage.index, method.extra_losses,
+        functools.partial(method.before_train_batch, model),
     )
     model = method.after_stage(model, stage)
     t1 = time.time()
