@@ -140,7 +140,7 @@ class L2P(Method):
     def __init__(self, options: L2POptions, context: MethodContext) -> None:
         super().__init__(options, context)
         self.pool: PromptPool | None = None
-        self.training: PromptInsertion | None = None
+        self.insertion: PromptInsertion | None = None
         self.usage: dict[str, list[int]] = {}
 
     # -- training ----------------------------------------------------------------------------
@@ -149,7 +149,7 @@ class L2P(Method):
         model.requires_grad_(False)
         if self.pool is None:
             self.pool = self._new_pool(model)
-        self.training = attach_prompts(model, self.pool)
+        self.insertion = attach_prompts(model, self.pool)
         return model
 
     def _new_pool(self, model: torch.nn.Module) -> PromptPool:
@@ -166,8 +166,8 @@ class L2P(Method):
         return {"l2p_keys": self.options.key_weight * self.pool.distance}  # L2P eq. 5
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
-        self.training.remove()
-        self.training = None
+        self.insertion.remove()
+        self.insertion = None
         return model
 
     # -- evaluation --------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def moe_layers(model: torch.nn.Module) -> dict[str, MoELoRALinear]:
 @register_method(
     "moelora",
     paper="MoELoRA of CoIN (Chen et al., NeurIPS 2024 D&B); baseline in HiDe-LLaVA, LLaVA-c",
-    trains="one MoE-LoRA (E experts of rank r/E + a token router per layer) + the projector, "
-           "trained on through all stages",
+    trains="one MoE-LoRA (E experts of rank r/E + a token router per layer), trained on "
+           "through all stages, + the projector if lora.train_projector",
     growth="none (E experts fixed up front; by default E = the number of tasks)",
     routes=True,
 )

@@ -12,10 +12,12 @@ import pytest
 import cl_bench.running.runner
 from cl_bench.cli import main
 from cl_bench.config import RunConfig
+from cl_bench.evaluation.generation import generate_answers
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.llava import load_llava
 from cl_bench.registry import get_suite
 from cl_bench.running.training import train_model
+from tasks.loaders import load_samples
 
 
 def method_context(tiny_llava: Path, ucit_root: Path, run_dir: Path, method: str) -> MethodContext:
@@ -36,6 +38,16 @@ def train_stage(method: Method, model, index: int, task: str):
                        ctx.config.train, ctx.run_dir / "trainer", index, method.extra_losses,
                        functools.partial(method.before_train_batch, model))
     return method.after_stage(model, stage(index, task)), info
+
+
+def answers_in_batches(method: Method, evaluated, task: str, batch_size: int) -> dict[str, str]:
+    """``evaluated``'s answers to a task's test samples through the method's hook, in batches
+    of ``batch_size``."""
+    ctx = method.context
+    folder = ctx.data_root / "UCIT"
+    samples = load_samples(folder / task / "test.json", folder / "datasets")
+    hook = functools.partial(method.before_generate, evaluated, label=task)
+    return generate_answers(evaluated, ctx.bundle, samples, batch_size, 5, task, hook)
 
 
 def quick_run(ucit_root: Path, tiny_llava: Path, out: Path, method: str, *sets: str) -> list[str]:

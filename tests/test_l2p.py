@@ -6,16 +6,21 @@ import math
 
 import pytest
 import torch
-from method_stages import method_context, quick_run, run_resumed_and_whole, stage, train_stage
+from method_stages import (
+    answers_in_batches,
+    method_context,
+    quick_run,
+    run_resumed_and_whole,
+    stage,
+    train_stage,
+)
 from PIL import Image
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation.generation import generate_answers
 from cl_bench.method import parse_options
 from cl_bench.models.llava import load_llava
 from methods.l2p import L2P, L2POptions, PromptPool, key_loss, select_prompts
-from tasks.loaders import load_samples
 
 HALF = 1 / math.sqrt(2)
 
@@ -109,15 +114,10 @@ def test_batched_answers_equal_one_at_a_time(tiny_llava, ucit_root, tmp_path) ->
     method = L2P(L2POptions(pool_size=6, top_n=2, prompt_length=3), ctx)
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     evaluated = method.eval_model(model)
-    samples = load_samples(ucit_root / "UCIT" / "ArxivQA" / "test.json",
-                           ucit_root / "UCIT" / "datasets")
-
-    def answers(batch_size: int) -> dict:
-        hook = lambda prompts: method.before_generate(evaluated, prompts, "ArxivQA")  # noqa: E731
-        return generate_answers(evaluated, ctx.bundle, samples, batch_size, 5, "t", hook)
-
-    assert answers(3) == answers(1)
-    assert sum(method.after_evaluation(None)["prompt_usage"]["ArxivQA"]) == 2 * 2 * len(samples)
+    batched = answers_in_batches(method, evaluated, "ArxivQA", 3)
+    assert batched == answers_in_batches(method, evaluated, "ArxivQA", 1)
+    usage = method.after_evaluation(None)["prompt_usage"]["ArxivQA"]
+    assert sum(usage) == 2 * 2 * len(batched)  # 2 passes, 2 prompts a sample
     assert not hasattr(model, "input_prompts")  # evaluation used a copy
 
 

@@ -6,12 +6,17 @@ import math
 
 import pytest
 import torch
-from method_stages import method_context, quick_run, run_resumed_and_whole, train_stage
+from method_stages import (
+    answers_in_batches,
+    method_context,
+    quick_run,
+    run_resumed_and_whole,
+    train_stage,
+)
 from PIL import Image
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
-from cl_bench.evaluation.generation import generate_answers
 from cl_bench.method import parse_options
 from cl_bench.models.llava import load_llava
 from methods.modalprompt.method import ModalPrompt
@@ -23,7 +28,6 @@ from methods.modalprompt.prompts import (
     guidance,
     nearest_last,
 )
-from tasks.loaders import load_samples
 
 
 def features(image, text, has_image) -> BatchFeatures:
@@ -175,16 +179,10 @@ def test_batched_answers_equal_one_at_a_time(tiny_llava, ucit_root, tiny_clip, t
     for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):
         model, _ = train_stage(method, model, index, task)
     evaluated = method.eval_model(model)
-    samples = load_samples(ucit_root / "UCIT" / "ArxivQA" / "test.json",
-                           ucit_root / "UCIT" / "datasets")
-
-    def answers(batch_size: int) -> dict:
-        hook = lambda prompts: method.before_generate(evaluated, prompts, "ArxivQA")  # noqa: E731
-        return generate_answers(evaluated, ctx.bundle, samples, batch_size, 5, "t", hook)
-
-    assert answers(3) == answers(1)
+    batched = answers_in_batches(method, evaluated, "ArxivQA", 3)
+    assert batched == answers_in_batches(method, evaluated, "ArxivQA", 1)
     info = method.after_evaluation(None)
-    assert sum(info["selections"]["ArxivQA"]) == 2 * len(samples)
+    assert sum(info["selections"]["ArxivQA"]) == 2 * len(batched)
     assert set(info["selection_accuracy"]) == {"ArxivQA"}
 
 

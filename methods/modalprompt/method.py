@@ -40,7 +40,7 @@ _PROBE_IMAGE = Image.new("RGB", (8, 8))
     "modalprompt",
     paper="ModalPrompt (Zeng et al., EMNLP 2025); M-Prompt in LLaVA-c Tables 2-3, 7-8",
     trains="a prompt and a prototype projection per task (the LLaVA frozen, no LoRA)",
-    growth="one prompt (prompt_length x hidden) + one projection MLP per task",
+    growth="one prompt (prompt_length x hidden) + one projection MLP (hidden -> hidden -> CLIP)",
     routes=True,
 )
 class ModalPrompt(Method):
@@ -55,7 +55,7 @@ class ModalPrompt(Method):
                                                "modalprompt")
         self.feature_dim = self._feature_dim()
         self.prompts: TaskPrompts | None = None
-        self.training: PromptInsertion | None = None
+        self.insertion: PromptInsertion | None = None
         self.selections: dict[str, list[int]] = {}
 
     def _feature_dim(self) -> int:
@@ -81,7 +81,7 @@ class ModalPrompt(Method):
                                        self.options.top_k, self.options.image_weight)
         prompt = vocabulary_embeddings(model, (self.options.prompt_length,))
         self.prompts.add_task(stage.name, prompt)
-        self.training = attach_prompts(model, self.prompts)
+        self.insertion = attach_prompts(model, self.prompts)
         return model
 
     def before_train_batch(self, model: torch.nn.Module, prompts: Sequence[Prompt]) -> None:
@@ -91,8 +91,8 @@ class ModalPrompt(Method):
         return {"modalprompt_alignment": self.prompts.alignment}
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
-        self.training.remove()
-        self.training = None
+        self.insertion.remove()
+        self.insertion = None
         return model
 
     def features(self, prompts: Sequence[Prompt]) -> BatchFeatures:
