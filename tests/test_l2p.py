@@ -19,6 +19,7 @@ from PIL import Image
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
+from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import load_llava
 from methods.l2p import L2P, L2POptions, PromptPool, key_loss, select_prompts
 
@@ -131,3 +132,18 @@ def test_quick_run_resumes_and_leaves_the_language_model_unchanged(
     start, final = load_llava(tiny_llava).model, load_llava(checkpoint / "model").model
     final_params = dict(final.named_parameters())
     assert all(torch.equal(p, final_params[n]) for n, p in start.named_parameters())
+
+
+def test_queries_and_prompts_on_a_bf16_model(tiny_llava, ucit_root, tmp_path) -> None:
+    ctx = method_context(tiny_llava, ucit_root, tmp_path, "l2p")
+    model = load_llava(tiny_llava, dtype=torch.bfloat16).model
+    method = L2P(L2POptions(pool_size=4, top_n=2, prompt_length=2), ctx)
+    model = method.before_stage(model, stage(1, "ImageNet-R"))
+    item = prompt_item(ctx.bundle, "q", colour((230, 20, 20)))
+    method.before_train_batch(model, [("q", item["image"])])
+    batch = collate_batch([item], ctx.bundle)
+    loss = model(**batch, labels=batch["input_ids"]).loss + method.extra_losses(model, {}, None)[
+        "l2p_keys"]
+    loss.backward()
+    assert method.pool.prompts.dtype == torch.float32 and method.pool.prompts.grad is not None
+    assert method.pool.keys.grad.abs().sum() > 0

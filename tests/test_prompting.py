@@ -160,3 +160,18 @@ def test_wrong_row_counts_and_double_attachment_are_errors(bundle) -> None:
     with pytest.raises(CLBenchError, match="prompts for 3 rows, batch of 2"):
         model(**batch)
     handle.remove()
+
+
+def test_prompts_follow_a_bf16_model_and_stay_fp32(tiny_llava) -> None:
+    bundle = load_llava(tiny_llava, dtype=torch.bfloat16)
+    model = bundle.model
+    source = TablePrompts(model.config.text_config.hidden_size)
+    source.rows = torch.tensor([0, 1])
+    _, batch = text_batch(bundle, [QUESTIONS[0][0], QUESTIONS[1][0]])
+    handle = attach_prompts(model, source)
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    handle.remove()
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    assert source.table.dtype == source.table.grad.dtype == torch.float32
+    assert source.table.grad.abs().sum() > 0

@@ -107,8 +107,8 @@ class LlavaEncoder:
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = self.bundle.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         tower = self._model.model.vision_tower
-        weight = next(tower.parameters())
-        return tower(pixel_values=pixels.to(weight)).pooler_output.float()
+        device = next(tower.parameters()).device
+        return tower(pixel_values=pixels.to(device)).pooler_output.float()
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
