@@ -135,7 +135,6 @@ class L2P(Method):
     """L2P: per-sample prompts from a key-matched pool, prepended after BOS; the LLaVA frozen."""
 
     Options = L2POptions
-    uses_lora = False
 
     def __init__(self, options: L2POptions, context: MethodContext) -> None:
         super().__init__(options, context)
@@ -173,16 +172,12 @@ class L2P(Method):
     # -- evaluation --------------------------------------------------------------------------
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         self.usage = {}
-        if self.pool is None:
-            return model
         evaluated = shallow_copy(model)
         attach_prompts(evaluated, self.pool)
         return evaluated
 
     def before_generate(self, model: torch.nn.Module, prompts: Sequence[Prompt],
                         label: str) -> None:
-        if self.pool is None:
-            return
         self._set_queries(model, prompts)
         index, _ = select_prompts(self.pool.queries, self.pool.keys, self.options.top_n)
         counts = self.usage.setdefault(label, [0] * self.options.pool_size)
@@ -207,10 +202,8 @@ class L2P(Method):
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         super().save(model, folder)
-        if self.pool is not None:
-            save_file({"prompts": self.pool.prompts.detach().cpu().contiguous(),
-                       "keys": self.pool.keys.detach().cpu().contiguous()},
-                      str(folder / POOL_FILE))
+        save_file({"prompts": self.pool.prompts.detach().cpu().contiguous(),
+                   "keys": self.pool.keys.detach().cpu().contiguous()}, str(folder / POOL_FILE))
 
     def load(self, folder: Path) -> torch.nn.Module:
         model = super().load(folder)

@@ -113,7 +113,6 @@ class MoELoRA(Method):
     """CoIN's MoELoRA: LoRA experts of rank r/E mixed per token by a softmax router."""
 
     Options = MoELoRAOptions
-    uses_lora = False
 
     def __init__(self, options: MoELoRAOptions, context: MethodContext) -> None:
         super().__init__(options, context)

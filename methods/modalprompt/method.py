@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cl_bench.errors import CLBenchError
@@ -47,7 +48,6 @@ class ModalPrompt(Method):
     """ModalPrompt: per-task prompts selected by dual-modality prototypes, no LoRA."""
 
     Options = ModalPromptOptions
-    uses_lora = False
 
     def __init__(self, options: ModalPromptOptions, context: MethodContext) -> None:
         super().__init__(options, context)
@@ -115,8 +115,7 @@ class ModalPrompt(Method):
     def before_generate(self, model: torch.nn.Module, prompts: Sequence[Prompt],
                         label: str) -> None:
         """Set the batch's features; count each sample's nearest task prompt."""
-        features = self.features(prompts)
-        self.prompts.set_features(features)
+        self.prompts.set_features(self.features(prompts))
         self.prompts.eval()
         counts = self.selections.setdefault(label, [0] * len(self.prompts.tasks))
         for task in self.prompts.choose(self.prompts.features)[:, -1].tolist():
@@ -144,8 +143,6 @@ class ModalPrompt(Method):
         if not path.is_file():
             raise CLBenchError(f"{path} is missing: a ModalPrompt checkpoint keeps its task "
                                "prompts there")
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             tasks = (f.metadata() or {}).get("tasks", "").split("\n")
         tensors = load_file(str(path))
