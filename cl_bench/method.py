@@ -1,7 +1,8 @@
 """The method plugin interface: a small set of hooks into the one sequential runner.
 
 The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
-``training_samples`` with ``extra_losses`` added to the LLaVA loss -> ``after_stage``
+``training_samples`` (``before_train_batch`` before each batch's forward) with ``extra_losses``
+added to the LLaVA loss -> ``after_stage``
 (consolidation) -> evaluation of every task on ``eval_model`` (``before_generate`` before each
 generation batch) -> ``after_evaluation`` -> ``save``. A method sees only the current stage's
 tasks, never the future ones.
@@ -95,6 +96,13 @@ class Method:
 
     def training_samples(self, stage: Stage) -> list[Sample]:
         return [s for task in stage.tasks for s in self.context.train_samples(task)]
+
+    def before_train_batch(
+        self, model: torch.nn.Module, prompts: Sequence[tuple[str, Any]]
+    ) -> None:
+        """Called before each training batch's forward on ``model`` (the one ``before_stage``
+        returned) with the batch's rows as ``(first question, PIL image or None)``, in row order:
+        the training twin of ``before_generate``, e.g. to compute per-sample query features."""
 
     def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict:
         """Terms added to the LLaVA loss at every training step, by name."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from conftest import TINY_CLIP as CLIP
 
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
@@ -28,25 +28,11 @@ from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
 from methods.hide_llava.routing import RoutedLoRALinear, Routing, anchor_similarity, routing_weights
 from tasks.loaders import load_samples
-from tasks.micro.model import TinyConfig, build_clip, image_processor
 
 RANK = 2
-CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24, heads=2)
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_llava, tmp_path_factory) -> Path:
-    """A tiny CLIP (untrained) on the fixture tokenizer, saved as a local CLIP folder."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
-    torch.manual_seed(0)
-    build_clip(CLIP, tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    image_processor(CLIP).save_pretrained(folder)
-    return folder
-
-
 def make_context(tiny_llava, ucit_root, run_dir: Path) -> MethodContext:
     cfg = RunConfig(method="hide_llava", suite="ucit", seed=0)
     cfg.lora.rank, cfg.lora.alpha = RANK, 4.0

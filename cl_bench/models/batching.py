@@ -21,7 +21,7 @@ from tasks.loaders import Sample
 
 
 class ConversationDataset(Dataset):
-    """Samples encoded on access: ids, labels and the image (if any)."""
+    """Samples encoded on access: ids, labels, the image (if any) and the first question."""
 
     def __init__(self, samples: list[Sample], bundle: ModelBundle, max_length: int) -> None:
         self.samples, self.bundle, self.max_length = samples, bundle, max_length
@@ -34,7 +34,7 @@ class ConversationDataset(Dataset):
         has_image = sample.image is not None
         ids, labels = encode_conversation(self.bundle, sample.turns, has_image, self.max_length)
         image = load_image(sample.image) if has_image else None
-        return {"ids": ids, "labels": labels, "image": image}
+        return {"ids": ids, "labels": labels, "image": image, "question": sample.question}
 
 
 def prompt_item(bundle: ModelBundle, question: str, image: Path | Image.Image | None) -> dict:

@@ -156,6 +156,24 @@ def load_encoder(spec: str, bundle: ModelBundle, text_feature: str = "pooled") -
     return ClipEncoder(model.to(device).eval(), tokenizer, processor, folder, text_feature)
 
 
+def method_encoder(spec: str | None, context, text_feature: str, method: str) -> Encoder:
+    """The encoder a method's ``encoder`` option names (a CLIP folder or ``llava``), else the
+    suite's default (the micro world's tiny CLIP); a clear error when there is neither."""
+    suite = context.suite
+    if spec is None and suite.default_encoder:
+        from cl_bench.registry import call_target
+        from cl_bench.running.runner import cache_dir
+
+        spec = str(call_target(suite.default_encoder, cache_dir()))
+    if spec is None:
+        raise CLBenchError(
+            f"{method} needs a feature encoder and suite {suite.name} has no default: give "
+            "method.encoder=PATH (a local CLIP folder, e.g. clip-vit-large-patch14-336) or "
+            f"method.encoder={LLAVA_ENCODER}"
+        )
+    return load_encoder(spec, context.bundle, text_feature)
+
+
 def _image_processor_class() -> type:
     """CLIP's PIL image processor (torchvision is not a dependency)."""
     try:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 from pathlib import Path
 
 import torch
 
 from cl_bench.config import LoraSettings
 from cl_bench.errors import CLBenchError
+from cl_bench.models.sharing import shallow_copy
 
 
 def lora_target_regex(targets: list[str]) -> str:
@@ -67,12 +66,6 @@ def language_model_linears(
         and "language_model" in name
         and name.rsplit(".", 1)[-1] in targets
     }
-
-
-def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module tree that shares every parameter and buffer with ``model``."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def without_lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -181,7 +181,8 @@ def run_stage(
     train_info = train_model(
         model, ctx.bundle, method.training_samples(stage), ctx.config.train,
         folder.path / "trainer" / f"stage_{stage.index}", ctx.config.seed + stage.index,
-        method.extra_losses, ctx.config.report_to,
+        method.extra_losses, functools.partial(method.before_train_batch, model),
+        ctx.config.report_to,
     )
     model = method.after_stage(model, stage)
     t1 = time.time()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import Trainer, TrainingArguments
 
 from cl_bench.config import TrainConfig
@@ -15,17 +16,25 @@ from cl_bench.models.llava import ModelBundle
 from tasks.loaders import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], dict[str, torch.Tensor]]
+BeforeBatch = Callable[[list[tuple[str, Image.Image | None]]], None]
+ROW_PROMPTS = "row_prompts"  # the batch's (first question, image) rows, for ``before_batch``
 
 
 class MethodTrainer(Trainer):
-    """A Trainer whose loss is the LLaVA loss plus the method's extra terms."""
+    """A Trainer whose loss is the LLaVA loss plus the method's extra terms; ``before_batch``
+    sees each batch's rows before its forward."""
 
-    def __init__(self, *args, extra_loss: ExtraLoss | None = None, **kwargs) -> None:
+    def __init__(self, *args, extra_loss: ExtraLoss | None = None,
+                 before_batch: BeforeBatch | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.extra_loss = extra_loss
+        self.before_batch = before_batch
         self.loss_parts: dict[str, float] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = inputs.pop(ROW_PROMPTS)
+        if self.before_batch is not None:
+            self.before_batch(rows)
         outputs = model(**inputs)
         loss = outputs.loss
         if self.extra_loss is not None:
@@ -64,6 +73,13 @@ def training_arguments(
     )
 
 
+def collate_training(items: list[dict], bundle: ModelBundle) -> dict:
+    """A right-padded training batch with its rows' (first question, image) for hooks."""
+    batch = collate_batch(items, bundle)
+    batch[ROW_PROMPTS] = [(item["question"], item["image"]) for item in items]
+    return batch
+
+
 def train_model(
     model: torch.nn.Module,
     bundle: ModelBundle,
@@ -72,6 +88,7 @@ def train_model(
     output_dir: Path,
     seed: int,
     extra_loss: ExtraLoss | None = None,
+    before_batch: BeforeBatch | None = None,
     report_to: list[str] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``samples``; returns the final training metrics."""
@@ -81,8 +98,9 @@ def train_model(
         model=model,
         args=training_arguments(cfg, output_dir, seed, report_to),
         train_dataset=ConversationDataset(samples, bundle, cfg.max_length),
-        data_collator=lambda items: collate_batch(items, bundle),
+        data_collator=lambda items: collate_training(items, bundle),
         extra_loss=extra_loss,
+        before_batch=before_batch,
     )
     result = trainer.train()
     return {"train_loss": float(result.training_loss), **trainer.loss_parts}

@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.deltas import stage_delta
-from cl_bench.models.encoders import LLAVA_ENCODER, Encoder, load_encoder
+from cl_bench.models.encoders import Encoder, method_encoder
 from cl_bench.models.llava import load_image
 from cl_bench.models.lora import add_lora
-from cl_bench.registry import call_target, register_method
+from cl_bench.registry import register_method
 from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble
 from methods.hide_llava.experts import TaskExpert, expert_model, load_experts, set_projector
 from methods.hide_llava.options import LAYOUTS, HiDeOptions, check_options
@@ -67,19 +66,8 @@ class HiDeLLaVA(Method):
         return self.context.run_dir / "hide_llava"
 
     def _encoder(self) -> Encoder:
-        spec = self.options.encoder
-        suite = self.context.suite
-        if spec is None and suite.default_encoder:
-            from cl_bench.running.runner import cache_dir
-
-            spec = str(call_target(suite.default_encoder, cache_dir()))
-        if spec is None:
-            raise CLBenchError(
-                f"hide_llava needs a feature encoder for its anchors and suite {suite.name} has no "
-                "default: give method.encoder=PATH (a local CLIP folder, e.g. "
-                f"clip-vit-large-patch14-336) or method.encoder={LLAVA_ENCODER}"
-            )
-        return load_encoder(spec, self.context.bundle, self.options.text_feature)
+        return method_encoder(self.options.encoder, self.context, self.options.text_feature,
+                              "hide_llava")
 
     # -- training ----------------------------------------------------------------------------
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:

@@ -1,0 +1,15 @@
+"""Models assembled around shared weights (an evaluation model built on the trained one)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+
+
+def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``: hooks or
+    replaced submodules on the copy leave ``model`` untouched, at no memory cost."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
