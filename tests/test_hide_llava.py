@@ -20,13 +20,14 @@ from cl_bench.models.deltas import LoraFactors, stage_delta
 from cl_bench.models.encoders import clip_text_batch, load_encoder
 from cl_bench.models.llava import encode_prompt, load_image, load_llava
 from cl_bench.models.lora import add_lora
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
 from cl_bench.registry import get_method, get_suite
 from methods.hide_llava.assembly import assemble, layer_modes
 from methods.hide_llava.experts import TaskExpert, expert_model, load_experts
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
-from methods.hide_llava.routing import RoutedLoRALinear, Routing, anchor_similarity, routing_weights
+from methods.hide_llava.routing import routing_weights
 from tasks.loaders import load_samples
 from tasks.micro.model import TinyConfig, build_clip, image_processor
 
@@ -79,13 +80,6 @@ def batch_of(bundle, ucit_root, task: str = "ImageNet-R", n: int = 3) -> dict:
 
 
 # -- eq. 3-5: routing ----------------------------------------------------------------------------
-def test_anchor_similarity_is_cosine() -> None:  # HiDe-LLaVA eq. 3
-    sims = anchor_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
-                             torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
-    half = 1 / math.sqrt(2)
-    assert torch.allclose(sims, torch.tensor([[1.0, 0.0], [half, half]]))
-
-
 def test_routing_weights_against_a_hand_computed_case() -> None:  # HiDe-LLaVA eq. 4
     image = torch.tensor([[0.9, 0.1], [0.0, 0.0]])
     text = torch.tensor([[0.5, 0.7], [0.5, 0.7]])
@@ -128,22 +122,6 @@ def test_fused_module_adds_the_fused_branch() -> None:  # HiDe-LLaVA eq. 7
     delta = sum(f.product() for f in experts)
     assert torch.allclose(module(x), base(x) + x @ delta.T, atol=1e-5)
     assert module.lora_parameters() == 2 * (5 + 6)
-
-
-def test_routed_module_mixes_experts_per_sample() -> None:  # HiDe-LLaVA eq. 5
-    base = torch.nn.Linear(5, 6)
-    experts = [factors(6, 5, 2, 2.0, 1), factors(6, 5, 2, 0.5, 2)]
-    routing = Routing()
-    module = RoutedLoRALinear(base, experts, routing)
-    x = torch.randn(2, 4, 5)
-    with pytest.raises(CLBenchError, match="routing weights are not set"):
-        module(x)
-    routing.weights = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
-    d0, d1 = (f.product() for f in experts)
-    expected = torch.stack([base(x[0]) + x[0] @ d0.T,
-                            base(x[1]) + x[1] @ (0.25 * d0 + 0.75 * d1).T])
-    assert torch.allclose(module(x), expected, atol=1e-5)
-    assert module.lora_parameters() == 2 * 2 * (5 + 6)
 
 
 # -- assembly ------------------------------------------------------------------------------------

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import itertools
 import re
 from dataclasses import dataclass
 
 import torch
 
 from cl_bench.errors import CLBenchError
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing, shallow_copy
 from methods.hide_llava.experts import TaskExpert
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.options import LAYOUTS, HiDeOptions
-from methods.hide_llava.routing import RoutedLoRALinear, Routing
 
 PARAMS_NOTE = (
     "parameters loaded at inference: total = model + lora + anchors; lora counts what Table 3 "
@@ -49,12 +47,6 @@ def layer_index(module_name: str) -> int:
     if match is None:
         raise CLBenchError(f"LoRA module {module_name!r} is not inside a decoder layer")
     return int(match.group(1))
-
-
-def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module tree that shares every parameter and buffer with ``model``."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def layer_modes(experts: list[TaskExpert], layout: str, top_layers: int,
