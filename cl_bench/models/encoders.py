@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.llava import ModelBundle
+
+if TYPE_CHECKING:
+    from cl_bench.method import MethodContext
 
 TEXT_FEATURES = ("pooled", "projected")
 LLAVA_ENCODER = "llava"
@@ -154,6 +158,25 @@ def load_encoder(spec: str, bundle: ModelBundle, text_feature: str = "pooled") -
         raise CLBenchError(f"cannot load a CLIP model from {folder}: {err}") from None
     device = next(bundle.model.parameters()).device
     return ClipEncoder(model.to(device).eval(), tokenizer, processor, folder, text_feature)
+
+
+def suite_encoder(
+    spec: str | None, context: MethodContext, text_feature: str, method: str
+) -> Encoder:
+    """The routing encoder a method asked for (``spec``), else the suite's default one."""
+    suite = context.suite
+    if spec is None and suite.default_encoder:
+        from cl_bench.registry import call_target
+        from cl_bench.running.runner import cache_dir
+
+        spec = str(call_target(suite.default_encoder, cache_dir()))
+    if spec is None:
+        raise CLBenchError(
+            f"{method} needs a feature encoder and suite {suite.name} has no default: give "
+            "method.encoder=PATH (a local CLIP folder, e.g. clip-vit-large-patch14-336) or "
+            f"method.encoder={LLAVA_ENCODER}"
+        )
+    return load_encoder(spec, context.bundle, text_feature)
 
 
 def _image_processor_class() -> type:

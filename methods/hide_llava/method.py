@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.routing_counts import RoutingCounts
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.deltas import stage_delta
-from cl_bench.models.encoders import LLAVA_ENCODER, Encoder, load_encoder
+from cl_bench.models.encoders import Encoder, suite_encoder
 from cl_bench.models.llava import load_image
 from cl_bench.models.lora import add_lora
 from cl_bench.models.routed_lora import Routing, anchor_similarity
-from cl_bench.registry import call_target, register_method
+from cl_bench.registry import register_method
 from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble
 from methods.hide_llava.experts import TaskExpert, expert_model, load_experts, set_projector
 from methods.hide_llava.options import LAYOUTS, HiDeOptions, check_options
@@ -57,7 +56,10 @@ class HiDeLLaVA(Method):
         self.routing: Routing | None = None
         self.routing_counts = RoutingCounts([])
         self.params: InferenceParams | None = None
-        self.encoder: Encoder | None = self._encoder() if self.routed else None
+        self.encoder: Encoder | None = (
+            suite_encoder(options.encoder, context, options.text_feature, "hide_llava")
+            if self.routed else None
+        )
 
     @property
     def routed(self) -> bool:
@@ -66,21 +68,6 @@ class HiDeLLaVA(Method):
     @property
     def expert_dir(self) -> Path:
         return self.context.run_dir / "hide_llava"
-
-    def _encoder(self) -> Encoder:
-        spec = self.options.encoder
-        suite = self.context.suite
-        if spec is None and suite.default_encoder:
-            from cl_bench.running.runner import cache_dir
-
-            spec = str(call_target(suite.default_encoder, cache_dir()))
-        if spec is None:
-            raise CLBenchError(
-                f"hide_llava needs a feature encoder for its anchors and suite {suite.name} has no "
-                "default: give method.encoder=PATH (a local CLIP folder, e.g. "
-                f"clip-vit-large-patch14-336) or method.encoder={LLAVA_ENCODER}"
-            )
-        return load_encoder(spec, self.context.bundle, self.options.text_feature)
 
     # -- training ----------------------------------------------------------------------------
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
