@@ -7,12 +7,23 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
+from transformers import AutoTokenizer
 
-from tasks.micro.model import TinyConfig, build_llava, llava_processor, save_llava, train_tokenizer
+from tasks.micro.model import (
+    TinyConfig,
+    build_clip,
+    build_llava,
+    image_processor,
+    llava_processor,
+    save_llava,
+    train_tokenizer,
+)
 from tasks.suites.ucit import UCIT_TASKS
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24, heads=2)
 TINY = TinyConfig(
     vision_hidden=32, vision_layers=1, projection_dim=32, text_hidden=64, text_layers=2,
     heads=2, intermediate=128, vocab_size=400,
@@ -79,3 +90,15 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ucit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ucit_fixture(tmp_path_factory.mktemp("ucit"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CLIP (untrained) on the fixture tokenizer, saved as a local CLIP folder."""
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
+    torch.manual_seed(0)
+    build_clip(CLIP, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor(CLIP).save_pretrained(folder)
+    return folder

@@ -5,23 +5,23 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from conftest import CLIP
+from method_helpers import RANK, make_context, stage, trained_like
 
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import generate_answers
-from cl_bench.method import MethodContext, Stage, parse_options
+from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch
 from cl_bench.models.deltas import LoraFactors, stage_delta
 from cl_bench.models.encoders import clip_text_batch, load_encoder
 from cl_bench.models.llava import encode_prompt, load_image, load_llava
 from cl_bench.models.lora import add_lora
 from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
-from cl_bench.registry import get_method, get_suite
+from cl_bench.registry import get_method
 from methods.hide_llava.assembly import assemble, layer_modes
 from methods.hide_llava.experts import TaskExpert, expert_model, load_experts
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
@@ -29,45 +29,9 @@ from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
 from methods.hide_llava.routing import routing_weights
 from tasks.loaders import load_samples
-from tasks.micro.model import TinyConfig, build_clip, image_processor
-
-RANK = 2
-CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24, heads=2)
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_clip(tiny_llava, tmp_path_factory) -> Path:
-    """A tiny CLIP (untrained) on the fixture tokenizer, saved as a local CLIP folder."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
-    torch.manual_seed(0)
-    build_clip(CLIP, tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    image_processor(CLIP).save_pretrained(folder)
-    return folder
-
-
-def make_context(tiny_llava, ucit_root, run_dir: Path) -> MethodContext:
-    cfg = RunConfig(method="hide_llava", suite="ucit", seed=0)
-    cfg.lora.rank, cfg.lora.alpha = RANK, 4.0
-    return MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
-
-
-def trained_like(model: torch.nn.Module, seed: int) -> None:
-    """Stand-in for training: random non-zero LoRA B factors and a nudged projector."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                scale = 0.5 if "lora_B" in name else 0.01
-                p.add_(scale * torch.randn(p.shape, generator=gen))
-
-
-def stage(index: int, name: str) -> Stage:
-    return Stage(index, (get_suite("ucit").task(name),))
-
-
 def task_test_samples(ucit_root, task: str):
     folder = ucit_root / "UCIT" / task
     return load_samples(folder / "test.json", ucit_root / "UCIT" / "datasets")
@@ -248,7 +212,7 @@ def test_expert_files_round_trip_and_missing_anchors_are_named(tiny_llava, tmp_p
 
 
 def test_options_are_checked(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     with pytest.raises(CLBenchError, match="method.layout='expand_top'"):
         HiDeLLaVA(parse_options(HiDeLLaVA, {"layout": "expand_top"}), ctx)
     with pytest.raises(CLBenchError, match="needs a feature encoder"):
@@ -274,7 +238,7 @@ def test_ablations_are_registered_methods() -> None:
 
 # -- the method through its hooks -----------------------------------------------------------------
 def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
-    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     method = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)
     model = ctx.bundle.model
     for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):
