@@ -31,15 +31,9 @@ from PIL import Image
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.routing_counts import RoutingCounts
 from cl_bench.method import Method, MethodContext, Stage
-from cl_bench.models.deltas import (
-    PEFT_PREFIX,
-    LoraFactors,
-    load_lora_file,
-    save_lora_file,
-    stage_delta,
-)
+from cl_bench.models.deltas import LoraFactors, load_lora_file, save_lora_file, stage_delta
 from cl_bench.models.encoders import Encoder, suite_encoder
-from cl_bench.models.lora import add_lora
+from cl_bench.models.lora import add_lora, load_lora_factors
 from cl_bench.models.routed_lora import Routing, anchor_similarity, route_modules
 from cl_bench.registry import register_method
 from tasks.loaders import Sample
@@ -132,20 +126,6 @@ class Subspace:
         return cls(meta["tasks"].split("\n"), lora, tensors["identity_token"], int(meta["samples"]))
 
 
-def load_factors(model: torch.nn.Module, lora: dict[str, LoraFactors]) -> None:
-    """Copy stored factors into the active PEFT adapter (a subspace trained further)."""
-    with torch.no_grad():
-        for name, f in lora.items():
-            module = model.get_submodule(PEFT_PREFIX + name)
-            adapter = module.active_adapters[0]
-            if abs(module.scaling[adapter] - f.scaling) > 1e-9 or \
-                    module.lora_A[adapter].weight.shape != f.A.shape:
-                raise CLBenchError(f"stored subspace for {name} has another rank or scaling than "
-                                   "this run's LoRA: keep lora.rank, lora.alpha and method.rank")
-            module.lora_A[adapter].weight.copy_(f.A)
-            module.lora_B[adapter].weight.copy_(f.B)
-
-
 @register_method(
     "disco",
     paper="DISCO: Guo et al., Federated Continual Instruction Tuning (ICCV 2025), DKO + SSA",
@@ -182,7 +162,7 @@ class Disco(Method):
             lora = dataclasses.replace(lora, rank=self.options.rank)
         model = add_lora(model, lora)
         if match is not None:
-            load_factors(model, self.subspaces[match].lora)
+            load_lora_factors(model, self.subspaces[match].lora)
         return model
 
     def identity_token(self, samples: list[Sample], seed: int) -> torch.Tensor:

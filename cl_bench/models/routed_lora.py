@@ -1,4 +1,5 @@
-"""Per-sample mixtures of stored LoRA experts, for methods that route at evaluation.
+"""Per-sample mixtures of stored LoRA experts (and of whole modules, such as one projector per
+expert), for methods that route at evaluation.
 
 A method that keeps one LoRA per task (HiDe-LLaVA, DISCO, MR-LoRA) assembles its evaluation
 model by replacing each adapted linear layer of a shallow copy of the plain model with a
@@ -79,6 +80,21 @@ class RoutedLoRALinear(torch.nn.Module):
 
     def lora_parameters(self) -> int:
         return sum(p.numel() for p in itertools.chain(self.A, self.B))
+
+
+class RoutedModule(torch.nn.Module):
+    """sum_c d_c * expert_c(x) over whole modules (e.g. one projector per expert), with one
+    routing row per input row (for a projector: per image)."""
+
+    def __init__(self, experts: list[torch.nn.Module], routing: Routing) -> None:
+        super().__init__()
+        self.experts, self.routing = torch.nn.ModuleList(experts), routing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.routing.for_rows(x.shape[0])
+        shape = (x.shape[0], *([1] * (x.ndim - 1)))
+        return sum(d[:, c].to(x.dtype).view(shape) * expert(x)
+                   for c, expert in enumerate(self.experts))
 
 
 def route_modules(

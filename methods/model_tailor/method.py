@@ -20,7 +20,7 @@ import torch
 from cl_bench.analysis.cka import decoder_layers
 from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
-from cl_bench.models.lora import merge_lora, projector
+from cl_bench.models.lora import merge_lora, projector_weights, set_projector_weights
 from cl_bench.registry import register_method
 from methods.model_tailor.calibration import calibration_batches, layer_hessians
 from methods.model_tailor.tailoring import COMPENSATIONS, tailor_weight
@@ -95,8 +95,7 @@ class ModelTailor(Method):
 
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         model = super().before_stage(model, stage)
-        self.projector_before = {n: p.detach().clone()
-                                 for n, p in projector(model).named_parameters()}
+        self.projector_before = projector_weights(model)
         return model
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
@@ -125,9 +124,7 @@ class ModelTailor(Method):
                     before.copy_(tailored.to(before.dtype))
                     B.zero_()  # the tailored update now lives in the base weight
         if o.revert_projector:
-            with torch.no_grad():
-                for n, p in projector(model).named_parameters():
-                    p.copy_(self.projector_before[n])
+            set_projector_weights(model, self.projector_before)
         self.patch_share = kept / total if total else None
         return merge_lora(model)
 
