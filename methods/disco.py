@@ -131,7 +131,7 @@ class Subspace:
     paper="DISCO: Guo et al., Federated Continual Instruction Tuning (ICCV 2025), DKO + SSA",
     trains="one LoRA subspace per task on the base model (or a matching earlier one, continued) "
     "+ the shared projector",
-    growth="one LoRA subspace (rank method.rank) + one identity token (text-feature size) per task",
+    growth="one LoRA subspace (rank method.rank) + one identity token (text-feature size)",
     routes=True,
 )
 class Disco(Method):

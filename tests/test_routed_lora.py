@@ -1,5 +1,5 @@
-"""Per-sample mixtures of stored LoRA experts (shared by HiDe-LLaVA, DISCO, MR-LoRA) and the
-routing confusion counts."""
+"""Per-sample mixtures of stored LoRA experts and of whole modules (shared by HiDe-LLaVA, DISCO,
+MR-LoRA), stored LoRA files, loading factors and projectors, and the routing confusion counts."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.routing_counts import RoutingCounts
-from cl_bench.models.deltas import LoraFactors
+from cl_bench.models.deltas import LoraFactors, load_lora_file, save_lora_file
 from cl_bench.models.routed_lora import (
     RoutedLoRALinear,
+    RoutedModule,
     Routing,
     anchor_similarity,
     route_modules,
@@ -79,3 +80,54 @@ def test_routing_counts_write_the_confusion_matrix(tmp_path) -> None:
     rows = list(csv.reader((tmp_path / "routing" / "stage_2.csv").open()))
     assert rows == [["evaluated", "R", "A", "routing_accuracy"], ["R", "2", "1", "66.67"],
                     ["A", "0", "1", "100.00"], ["general", "1", "0", ""]]
+
+
+def test_routed_module_mixes_whole_modules_per_row() -> None:
+    experts = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
+    routing = Routing()
+    module = RoutedModule(experts, routing)
+    routing.weights = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    x = torch.randn(3, 5, 4)  # e.g. three images' patch features
+    want = torch.stack([experts[1](x[0]), experts[0](x[1]),
+                        0.5 * experts[0](x[2]) + 0.5 * experts[1](x[2])])
+    assert torch.allclose(module(x), want, atol=1e-6)
+
+
+def test_stored_lora_files_round_trip_and_reserve_their_names(tmp_path) -> None:
+    lora = {"layers.0.q_proj": factors(6, 5, 2, 2.0, 1)}
+    path = save_lora_file(tmp_path / "e.safetensors", lora, {"token": torch.ones(3)}, {"k": "v"})
+    loaded, tensors, meta = load_lora_file(path)
+    assert torch.equal(loaded["layers.0.q_proj"].B, lora["layers.0.q_proj"].B)
+    assert loaded["layers.0.q_proj"].scaling == 2.0 and meta == {"k": "v"}
+    assert torch.equal(tensors["token"], torch.ones(3))
+    with pytest.raises(CLBenchError, match="reserved"):
+        save_lora_file(tmp_path / "f.safetensors", lora, {"lora::x": torch.ones(1)})
+    with pytest.raises(CLBenchError, match="is missing"):
+        load_lora_file(tmp_path / "none.safetensors")
+
+
+def test_lora_factors_and_projector_weights_load_into_a_model(tiny_llava) -> None:
+    from cl_bench.config import LoraSettings
+    from cl_bench.models.deltas import stage_delta
+    from cl_bench.models.llava import load_llava
+    from cl_bench.models.lora import (
+        add_lora,
+        load_lora_factors,
+        projector_weights,
+        set_projector_weights,
+    )
+
+    model = add_lora(load_llava(tiny_llava).model, LoraSettings(rank=2, alpha=4.0))
+    stored = {n: LoraFactors(torch.randn_like(f.B), torch.randn_like(f.A), f.scaling)
+              for n, f in stage_delta(model, {}).lora.items()}
+    load_lora_factors(model, stored)
+    assert all(torch.equal(f.B, stored[n].B) for n, f in stage_delta(model, {}).lora.items())
+    name = next(iter(stored))
+    wrong = {name: LoraFactors(stored[name].B, stored[name].A, 9.0)}
+    with pytest.raises(CLBenchError, match="another rank or scaling"):
+        load_lora_factors(model, wrong)
+    weights = {n: torch.zeros_like(t) for n, t in projector_weights(model).items()}
+    set_projector_weights(model, weights)
+    assert all(not t.any() for t in projector_weights(model).values())
+    with pytest.raises(CLBenchError, match="do not match"):
+        set_projector_weights(model, {"linear_9.weight": torch.zeros(1)})

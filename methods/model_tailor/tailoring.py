@@ -36,7 +36,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def standardised(x: torch.Tensor) -> torch.Tensor:
-    """Per row: (x - mean) / std over the columns (std unbiased, as torch.std)."""
+    """Per row: (x - mean) / std over the columns (std unbiased, as torch.std); undefined (NaN)
+    for a single column, as in the reference, where such entries are then all kept."""
+    if x.shape[1] < 2:
+        return torch.full_like(x, float("nan"))
     return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True)
 
 

@@ -105,8 +105,8 @@ class Expert:
     paper="MR-LoRA: Zhao et al., MLLM-CL (2025), expert LoRAs + MLLM router LoRA",
     trains="a fresh expert LoRA + projector per task from the starting model; the router LoRA + "
     "projector on a small router set of every learned task",
-    growth="one expert LoRA + one projector per task; a router set of method.router_samples "
-    "training samples per task",
+    growth="one expert LoRA + one projector; method.router_samples training samples kept for "
+    "the router set",
     routes=True,
 )
 class MRLoRA(Method):

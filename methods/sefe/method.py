@@ -99,7 +99,7 @@ def key_penalty(
     paper="SEFE: Chen et al., ICML 2025 (ASD data + RegLoRA)",
     trains="a fresh LoRA on the language model + the projector each stage on ASD-diversified "
     "data, merged after it; earlier tasks' key update elements regularised",
-    growth="key-element positions (M % of each adapted weight per task, union over tasks)",
+    growth="key-element positions: M % of each adapted weight (their union is kept)",
 )
 class Sefe(Method):
     """SEFE: answer-style-diversified data, RegLoRA on the earlier tasks' key elements."""
