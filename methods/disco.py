@@ -32,7 +32,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.routing_counts import RoutingCounts
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.deltas import LoraFactors, load_lora_file, save_lora_file, stage_delta
-from cl_bench.models.encoders import Encoder, suite_encoder
+from cl_bench.models.encoders import TEXT_FEATURES, Encoder, suite_encoder
 from cl_bench.models.lora import add_lora, load_lora_factors
 from cl_bench.models.routed_lora import Routing, anchor_similarity, route_modules
 from cl_bench.registry import register_method
@@ -43,36 +43,38 @@ from tasks.loaders import Sample
 class DiscoOptions:
     """DISCO's options (defaults: the paper and MCITlib's UCIT configuration)."""
 
-    # rank of each task's subspace; None: the run's lora.rank (MCITlib UCIT: 96 / 6 tasks = 16)
     rank: int | None = None
-    # SSA softmax temperature eps (paper; reference llava_arch.py divides by 0.05)
+    """Rank of each task's subspace; None: the run's lora.rank (MCITlib UCIT: 96 / 6 = 16)."""
     temperature: float = 0.05
-    # DKO matching threshold tau (paper: 0.9); None: a new subspace for every task (MCITlib UCIT)
+    """SSA softmax temperature eps (paper; reference llava_arch.py divides by 0.05)."""
     threshold: float | None = None
-    # text encoder: a local CLIP folder, 'llava', or None for the suite's default encoder
+    """DKO matching threshold tau (paper: 0.9); None: a new subspace per task (MCITlib UCIT)."""
     encoder: str | None = None
-    # CLIP text feature: 'pooled' (reference text tower output) or 'projected'
+    """Text encoder: a local CLIP folder, 'llava', or None for the suite's default encoder."""
     text_feature: str = "pooled"
-    # training instructions averaged into an identity token (None: all of the stage's)
+    """CLIP text feature: 'pooled' (reference text tower output) or 'projected'."""
     token_samples: int | None = None
-    # instructions encoded per batch
+    """Training instructions averaged into an identity token (None: all of the stage's)."""
     encoder_batch: int = 64
+    """Instructions encoded per batch."""
 
-
-def check_options(o: DiscoOptions) -> None:
-    problems = []
-    if o.temperature <= 0:
-        problems.append(f"method.temperature={o.temperature}: must be > 0")
-    if o.rank is not None and o.rank < 1:
-        problems.append(f"method.rank={o.rank}: must be >= 1")
-    if o.threshold is not None and not -1 < o.threshold <= 1:
-        problems.append(f"method.threshold={o.threshold}: a cosine similarity in (-1, 1]")
-    if o.token_samples is not None and o.token_samples < 1:
-        problems.append(f"method.token_samples={o.token_samples}: must be >= 1 (or none)")
-    if o.encoder_batch < 1:
-        problems.append(f"method.encoder_batch={o.encoder_batch}: must be >= 1")
-    if problems:
-        raise CLBenchError("; ".join(problems))
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature <= 0:
+            problems.append(f"method.temperature={self.temperature}: must be > 0")
+        if self.rank is not None and self.rank < 1:
+            problems.append(f"method.rank={self.rank}: must be >= 1")
+        if self.threshold is not None and not -1 < self.threshold <= 1:
+            problems.append(f"method.threshold={self.threshold}: a cosine similarity in (-1, 1]")
+        if self.token_samples is not None and self.token_samples < 1:
+            problems.append(f"method.token_samples={self.token_samples}: must be >= 1 (or none)")
+        if self.text_feature not in TEXT_FEATURES:
+            problems.append(f"method.text_feature={self.text_feature!r}: expected one of "
+                            f"{', '.join(TEXT_FEATURES)}")
+        if self.encoder_batch < 1:
+            problems.append(f"method.encoder_batch={self.encoder_batch}: must be >= 1")
+        if problems:
+            raise CLBenchError("; ".join(problems))
 
 
 # -- the core terms ------------------------------------------------------------------------------
@@ -141,7 +143,6 @@ class Disco(Method):
 
     def __init__(self, options: DiscoOptions, context: MethodContext) -> None:
         super().__init__(options, context)
-        check_options(options)
         self.encoder: Encoder = suite_encoder(options.encoder, context, options.text_feature,
                                               "disco")
         self.subspaces: list[Subspace] = []

@@ -61,6 +61,7 @@ def test_bad_options_are_clear_errors(tiny_llava, ucit_root, tmp_path, tiny_clip
         ({"threshold": 1.5}, "method.threshold=1.5"),
         ({"rank": 0}, "method.rank=0"),
         ({"token_samples": 0}, "method.token_samples=0"),
+        ({"text_feature": "mean"}, "method.text_feature='mean'"),
     ]:
         with pytest.raises(CLBenchError, match=message):
             Disco(parse_options(Disco, {**given, "encoder": str(tiny_clip)}), ctx)

@@ -1,6 +1,10 @@
-"""LoRA through PEFT on the language model's linear layers, and the projector's trainability."""
+"""LoRA through PEFT on the language model's linear layers, stored factors loaded back, and the
+projector's trainability and weights."""
 
 from __future__ import annotations
+
+import copy
+import itertools
 
 import torch
 
@@ -44,6 +48,12 @@ def projector(model: torch.nn.Module) -> torch.nn.Module:
         if name.endswith("multi_modal_projector"):
             return module
     raise CLBenchError("model has no multi_modal_projector: is it a LLaVA model?")
+
+
+def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def projector_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

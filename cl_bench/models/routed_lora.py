@@ -10,19 +10,13 @@ batch (``Method.before_generate``). The copy shares every base weight with the p
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import LoraFactors
-
-
-def shallow_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the module tree that shares every parameter and buffer with ``model``."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
+from cl_bench.models.lora import shallow_copy
 
 
 def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models.routed_lora import RoutedLoRALinear, Routing, shallow_copy
+from cl_bench.models.lora import shallow_copy
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
 from methods.hide_llava.experts import TaskExpert
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.options import LAYOUTS, HiDeOptions

@@ -30,42 +30,42 @@ from methods.model_tailor.tailoring import COMPENSATIONS, tailor_weight
 class ModelTailorOptions:
     """Model Tailor's options (defaults: the reference main_model_tailor.py / sparsegpt.py)."""
 
-    # share of each block's entries reverted to the weight before the stage (reference 0.9:
-    # the model patch keeps at most 10 %)
     sparsity: float = 0.9
-    # importance = w * z(salience) + (1 - w) * z(sensitivity) (reference 0.8 / 0.2)
+    """Share of each block's entries reverted to the weight before the stage (reference 0.9:
+    the model patch keeps at most 10 %)."""
     salience_weight: float = 0.8
-    # training conversations of the task whose inputs estimate each layer's Hessian (reference 128)
+    """Importance = w * z(salience) + (1 - w) * z(sensitivity) (reference 0.8 / 0.2)."""
     calibration_samples: int = 128
-    # calibration conversations per forward pass
+    """Training conversations of the task that estimate each layer's input Hessian (ref. 128)."""
     calibration_batch: int = 8
-    # input columns tailored together (reference 128)
+    """Calibration conversations per forward pass."""
     blocksize: int = 128
-    # Hessian damping, a share of its mean diagonal (reference percdamp 0.01)
+    """Input columns tailored together (reference 128)."""
     damp: float = 0.01
-    # sign of the patch decorator's error spread: reference (+, the released code), obs
-    # (-, Optimal Brain Surgeon / SparseGPT), none (plain reversion)
+    """Hessian damping, a share of its mean diagonal (reference percdamp 0.01)."""
     compensation: str = "reference"
-    # the projector returns to its value before the stage (reference: the pretrained projector)
+    """Sign of the patch decorator's error spread: reference (+, the released code), obs (-,
+    Optimal Brain Surgeon / SparseGPT), none (plain reversion)."""
     revert_projector: bool = True
+    """The projector returns to its value before the stage (the reference restores the
+    pretrained projector)."""
 
-
-def check_options(o: ModelTailorOptions) -> None:
-    problems = []
-    if not 0 <= o.sparsity < 1:
-        problems.append(f"method.sparsity={o.sparsity}: a share in [0, 1)")
-    if not 0 <= o.salience_weight <= 1:
-        problems.append(f"method.salience_weight={o.salience_weight}: a weight in [0, 1]")
-    for name in ("calibration_samples", "calibration_batch", "blocksize"):
-        if getattr(o, name) < 1:
-            problems.append(f"method.{name}={getattr(o, name)}: must be >= 1")
-    if o.damp < 0:
-        problems.append(f"method.damp={o.damp}: must be >= 0")
-    if o.compensation not in COMPENSATIONS:
-        problems.append(f"method.compensation={o.compensation!r}: expected one of "
-                        f"{', '.join(COMPENSATIONS)}")
-    if problems:
-        raise CLBenchError("; ".join(problems))
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.sparsity < 1:
+            problems.append(f"method.sparsity={self.sparsity}: a share in [0, 1)")
+        if not 0 <= self.salience_weight <= 1:
+            problems.append(f"method.salience_weight={self.salience_weight}: a weight in [0, 1]")
+        for name in ("calibration_samples", "calibration_batch", "blocksize"):
+            if getattr(self, name) < 1:
+                problems.append(f"method.{name}={getattr(self, name)}: must be >= 1")
+        if self.damp < 0:
+            problems.append(f"method.damp={self.damp}: must be >= 0")
+        if self.compensation not in COMPENSATIONS:
+            problems.append(f"method.compensation={self.compensation!r}: expected one of "
+                            f"{', '.join(COMPENSATIONS)}")
+        if problems:
+            raise CLBenchError("; ".join(problems))
 
 
 def lora_layers(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -89,7 +89,6 @@ class ModelTailor(Method):
 
     def __init__(self, options: ModelTailorOptions, context: MethodContext) -> None:
         super().__init__(options, context)
-        check_options(options)
         self.projector_before: dict[str, torch.Tensor] = {}
         self.patch_share: float | None = None
 

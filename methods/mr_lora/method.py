@@ -50,34 +50,33 @@ ROUTER = "router"
 class MRLoRAOptions:
     """MR-LoRA's options (defaults: the reference scripts)."""
 
-    # rank of each task's expert LoRA; None: the run's lora.rank (reference 128)
     rank: int | None = None
-    # rank of the router LoRA; None: the expert rank (reference 128)
+    """Rank of each task's expert LoRA; None: the run's lora.rank (reference 128)."""
     router_rank: int | None = None
-    # router-set samples per learned task (reference router file: Router_train20)
+    """Rank of the router LoRA; None: the expert rank (reference 128)."""
     router_samples: int = 20
-    # router learning rate (reference 0_train_router.sh: 5e-6)
+    """Router-set samples per learned task (reference router file: Router_train20)."""
     router_lr: float = 5e-6
-    # router epochs over the router set (reference: 40)
+    """Router learning rate (reference 0_train_router.sh: 5e-6)."""
     router_epochs: float = 40.0
-    # tokens the router may generate before its answer is read (reference default: 16)
+    """Router epochs over the router set (reference: 40)."""
     router_max_new_tokens: int = 16
+    """Tokens the router may generate before its answer is read (reference default: 16)."""
 
-
-def check_options(o: MRLoRAOptions) -> None:
-    problems = []
-    for name in ("rank", "router_rank"):
-        if getattr(o, name) is not None and getattr(o, name) < 1:
-            problems.append(f"method.{name}={getattr(o, name)}: must be >= 1")
-    for name in ("router_samples", "router_max_new_tokens"):
-        if getattr(o, name) < 1:
-            problems.append(f"method.{name}={getattr(o, name)}: must be >= 1")
-    if o.router_lr <= 0:
-        problems.append(f"method.router_lr={o.router_lr}: must be > 0")
-    if o.router_epochs <= 0:
-        problems.append(f"method.router_epochs={o.router_epochs}: must be > 0")
-    if problems:
-        raise CLBenchError("; ".join(problems))
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("rank", "router_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                problems.append(f"method.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("router_samples", "router_max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"method.{name}={getattr(self, name)}: must be >= 1")
+        if self.router_lr <= 0:
+            problems.append(f"method.router_lr={self.router_lr}: must be > 0")
+        if self.router_epochs <= 0:
+            problems.append(f"method.router_epochs={self.router_epochs}: must be > 0")
+        if problems:
+            raise CLBenchError("; ".join(problems))
 
 
 @dataclass
@@ -116,7 +115,6 @@ class MRLoRA(Method):
 
     def __init__(self, options: MRLoRAOptions, context: MethodContext) -> None:
         super().__init__(options, context)
-        check_options(options)
         self.start_projector = projector_weights(context.bundle.model)  # before any training
         self.experts: list[Expert] = []
         self.tasks: list[Stage] = []

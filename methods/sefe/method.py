@@ -45,26 +45,26 @@ KEYS_FILE = "reglora_keys.safetensors"
 class SefeOptions:
     """SEFE's options (defaults: the paper's X = 20, M = 2 and the reference's lambda)."""
 
-    # RegLoRA weight lambda of the key-element penalty (reference llava_llama.py: 2.5e3)
     reg_weight: float = 2500.0
-    # share M of each adapted weight's update entries kept as key elements per task (0.02 = 2 %)
+    """RegLoRA weight lambda of the key-element penalty (reference llava_llama.py: 2.5e3)."""
     key_fraction: float = 0.02
-    # train on answer-style-diversified files (ASD); false: RegLoRA alone on the plain data
+    """M: the share of each adapted weight's update entries that become key elements after each
+    task (0.02 = 2 %, reference key_elements_identification.py)."""
     asd: bool = True
-    # the ASD file beside each task's train file (CoIN-ASD: train_x<X>.json, X = 20 by default)
+    """Train on answer-style-diversified files (ASD); false: RegLoRA alone on the plain data."""
     asd_file: str = "train_x20.json"
+    """The ASD file beside each task's train file (CoIN-ASD names it train_x<X>.json; X = 20)."""
 
-
-def check_options(o: SefeOptions) -> None:
-    problems = []
-    if o.reg_weight < 0:
-        problems.append(f"method.reg_weight={o.reg_weight}: must be >= 0")
-    if not 0 < o.key_fraction <= 1:
-        problems.append(f"method.key_fraction={o.key_fraction}: a share in (0, 1]")
-    if o.asd and not o.asd_file.strip():
-        problems.append("method.asd_file: name the ASD training file (e.g. train_x20.json)")
-    if problems:
-        raise CLBenchError("; ".join(problems))
+    def __post_init__(self) -> None:
+        problems = []
+        if self.reg_weight < 0:
+            problems.append(f"method.reg_weight={self.reg_weight}: must be >= 0")
+        if not 0 < self.key_fraction <= 1:
+            problems.append(f"method.key_fraction={self.key_fraction}: a share in (0, 1]")
+        if self.asd and not self.asd_file.strip():
+            problems.append("method.asd_file: name the ASD training file (e.g. train_x20.json)")
+        if problems:
+            raise CLBenchError("; ".join(problems))
 
 
 # -- the core terms ------------------------------------------------------------------------------
@@ -108,7 +108,6 @@ class Sefe(Method):
 
     def __init__(self, options: SefeOptions, context: MethodContext) -> None:
         super().__init__(options, context)
-        check_options(options)
         self.keys: dict[str, torch.Tensor] = {}
         self.regularised: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
