@@ -27,7 +27,7 @@ TINY = TinyConfig(
     vision_hidden=32, vision_layers=1, projection_dim=32, text_hidden=64, text_layers=2,
     heads=2, intermediate=128, vocab_size=400,
 )
-TINY_CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24,
+CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24,
                        heads=2)
 
 
@@ -99,7 +99,7 @@ def tiny_clip(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     folder = tmp_path_factory.mktemp("tiny_clip")
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
     torch.manual_seed(0)
-    build_clip(TINY_CLIP, tokenizer).save_pretrained(folder)
+    build_clip(CLIP, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    image_processor(TINY_CLIP).save_pretrained(folder)
+    image_processor(CLIP).save_pretrained(folder)
     return folder

@@ -5,54 +5,33 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CLIP as CLIP
+from conftest import CLIP
+from method_helpers import RANK, make_context, stage, trained_like
 
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import generate_answers
-from cl_bench.method import MethodContext, Stage, parse_options
+from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch
 from cl_bench.models.deltas import LoraFactors, stage_delta
 from cl_bench.models.encoders import clip_text_batch, load_encoder
 from cl_bench.models.llava import encode_prompt, load_image, load_llava
 from cl_bench.models.lora import add_lora
-from cl_bench.registry import get_method, get_suite
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
+from cl_bench.registry import get_method
 from methods.hide_llava.assembly import assemble, layer_modes
 from methods.hide_llava.experts import TaskExpert, expert_model, load_experts
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
-from methods.hide_llava.routing import RoutedLoRALinear, Routing, anchor_similarity, routing_weights
+from methods.hide_llava.routing import routing_weights
 from tasks.loaders import load_samples
-
-RANK = 2
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-def make_context(tiny_llava, ucit_root, run_dir: Path) -> MethodContext:
-    cfg = RunConfig(method="hide_llava", suite="ucit", seed=0)
-    cfg.lora.rank, cfg.lora.alpha = RANK, 4.0
-    return MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
-
-
-def trained_like(model: torch.nn.Module, seed: int) -> None:
-    """Stand-in for training: random non-zero LoRA B factors and a nudged projector."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                scale = 0.5 if "lora_B" in name else 0.01
-                p.add_(scale * torch.randn(p.shape, generator=gen))
-
-
-def stage(index: int, name: str) -> Stage:
-    return Stage(index, (get_suite("ucit").task(name),))
-
-
 def task_test_samples(ucit_root, task: str):
     folder = ucit_root / "UCIT" / task
     return load_samples(folder / "test.json", ucit_root / "UCIT" / "datasets")
@@ -65,13 +44,6 @@ def batch_of(bundle, ucit_root, task: str = "ImageNet-R", n: int = 3) -> dict:
 
 
 # -- eq. 3-5: routing ----------------------------------------------------------------------------
-def test_anchor_similarity_is_cosine() -> None:  # HiDe-LLaVA eq. 3
-    sims = anchor_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
-                             torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
-    half = 1 / math.sqrt(2)
-    assert torch.allclose(sims, torch.tensor([[1.0, 0.0], [half, half]]))
-
-
 def test_routing_weights_against_a_hand_computed_case() -> None:  # HiDe-LLaVA eq. 4
     image = torch.tensor([[0.9, 0.1], [0.0, 0.0]])
     text = torch.tensor([[0.5, 0.7], [0.5, 0.7]])
@@ -114,22 +86,6 @@ def test_fused_module_adds_the_fused_branch() -> None:  # HiDe-LLaVA eq. 7
     delta = sum(f.product() for f in experts)
     assert torch.allclose(module(x), base(x) + x @ delta.T, atol=1e-5)
     assert module.lora_parameters() == 2 * (5 + 6)
-
-
-def test_routed_module_mixes_experts_per_sample() -> None:  # HiDe-LLaVA eq. 5
-    base = torch.nn.Linear(5, 6)
-    experts = [factors(6, 5, 2, 2.0, 1), factors(6, 5, 2, 0.5, 2)]
-    routing = Routing()
-    module = RoutedLoRALinear(base, experts, routing)
-    x = torch.randn(2, 4, 5)
-    with pytest.raises(CLBenchError, match="routing weights are not set"):
-        module(x)
-    routing.weights = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
-    d0, d1 = (f.product() for f in experts)
-    expected = torch.stack([base(x[0]) + x[0] @ d0.T,
-                            base(x[1]) + x[1] @ (0.25 * d0 + 0.75 * d1).T])
-    assert torch.allclose(module(x), expected, atol=1e-5)
-    assert module.lora_parameters() == 2 * 2 * (5 + 6)
 
 
 # -- assembly ------------------------------------------------------------------------------------
@@ -256,7 +212,7 @@ def test_expert_files_round_trip_and_missing_anchors_are_named(tiny_llava, tmp_p
 
 
 def test_options_are_checked(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     with pytest.raises(CLBenchError, match="method.layout='expand_top'"):
         HiDeLLaVA(parse_options(HiDeLLaVA, {"layout": "expand_top"}), ctx)
     with pytest.raises(CLBenchError, match="needs a feature encoder"):
@@ -282,7 +238,7 @@ def test_ablations_are_registered_methods() -> None:
 
 # -- the method through its hooks -----------------------------------------------------------------
 def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
-    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     method = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)
     model = ctx.bundle.model
     for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):

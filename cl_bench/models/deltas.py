@@ -7,6 +7,7 @@ sweeps never need the M x N product before the final merge.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,47 @@ class StageDelta:
                 B = tensors[f"lora::{name}::B"]
                 delta.lora[name] = LoraFactors(B, tensor, float(meta[name]))
         return delta
+
+
+def save_lora_file(
+    path: Path,
+    lora: dict[str, LoraFactors],
+    tensors: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    """LoRA factors by module name, other named tensors and string metadata in one safetensors
+    file (a stored expert of a method that keeps one LoRA per task); tensors go to the CPU."""
+    meta = dict(meta or {})
+    if "scalings" in meta or any(k.startswith("lora::") for k in tensors or {}):
+        raise CLBenchError("'scalings' and 'lora::' names are reserved in a LoRA file")
+    stored = {k: t for k, t in (tensors or {}).items()}
+    for name, f in lora.items():
+        stored[f"lora::{name}::A"], stored[f"lora::{name}::B"] = f.A, f.B
+    meta["scalings"] = json.dumps({name: f.scaling for name, f in lora.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in stored.items()}, str(path), meta)
+    return path
+
+
+def load_lora_file(
+    path: Path,
+) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor], dict[str, str]]:
+    """What ``save_lora_file`` wrote: (LoRA factors, other tensors, metadata)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CLBenchError(f"stored LoRA file {path} is missing")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    if "scalings" not in meta:
+        raise CLBenchError(f"{path} is not a stored LoRA file (no 'scalings' metadata)")
+    scalings = json.loads(meta.pop("scalings"))
+    lora = {
+        name: LoraFactors(tensors.pop(f"lora::{name}::B"), tensors.pop(f"lora::{name}::A"), s)
+        for name, s in scalings.items()
+    }
+    return lora, tensors, meta
 
 
 def delta_path(run_dir: Path, stage: int) -> Path:

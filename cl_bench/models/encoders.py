@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.llava import ModelBundle
+
+if TYPE_CHECKING:
+    from cl_bench.method import MethodContext
 
 TEXT_FEATURES = ("pooled", "projected")
 LLAVA_ENCODER = "llava"
@@ -156,7 +160,9 @@ def load_encoder(spec: str, bundle: ModelBundle, text_feature: str = "pooled") -
     return ClipEncoder(model.to(device).eval(), tokenizer, processor, folder, text_feature)
 
 
-def method_encoder(spec: str | None, context, text_feature: str, method: str) -> Encoder:
+def suite_encoder(
+    spec: str | None, context: MethodContext, text_feature: str, method: str
+) -> Encoder:
     """The encoder a method's ``encoder`` option names (a CLIP folder or ``llava``), else the
     suite's default (the micro world's tiny CLIP); a clear error when there is neither."""
     suite = context.suite

@@ -1,4 +1,5 @@
-"""LoRA through PEFT on the language model's linear layers, and the projector's trainability."""
+"""LoRA through PEFT on the language model's linear layers, stored factors loaded back, and the
+projector's trainability and weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from cl_bench.config import LoraSettings
 from cl_bench.errors import CLBenchError
+from cl_bench.models.deltas import PEFT_PREFIX, LoraFactors
 from cl_bench.models.sharing import shallow_copy
 
 
@@ -46,6 +48,37 @@ def projector(model: torch.nn.Module) -> torch.nn.Module:
         if name.endswith("multi_modal_projector"):
             return module
     raise CLBenchError("model has no multi_modal_projector: is it a LLaVA model?")
+
+
+def projector_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the projector's parameters, by name within the projector."""
+    return {n: p.detach().clone() for n, p in projector(model).named_parameters()}
+
+
+@torch.no_grad()
+def set_projector_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load what ``projector_weights`` returned into ``model``'s projector."""
+    params = dict(projector(model).named_parameters())
+    if set(params) != set(weights):
+        raise CLBenchError(f"stored projector parameters {sorted(weights)} do not match the "
+                           f"model's {sorted(params)}")
+    for name, value in weights.items():
+        params[name].copy_(value.to(params[name]))
+
+
+@torch.no_grad()
+def load_lora_factors(model: torch.nn.Module, lora: dict[str, LoraFactors]) -> None:
+    """Copy stored factors (module names without the PEFT prefix) into the active adapter of a
+    PEFT model, e.g. to train a stored LoRA further."""
+    for name, f in lora.items():
+        module = model.get_submodule(PEFT_PREFIX + name)
+        adapter = module.active_adapters[0]
+        if abs(module.scaling[adapter] - f.scaling) > 1e-9 or \
+                module.lora_A[adapter].weight.shape != f.A.shape:
+            raise CLBenchError(f"stored LoRA for {name} has another rank or scaling than the "
+                               "model's adapter: keep the LoRA rank and alpha of the run")
+        module.lora_A[adapter].weight.copy_(f.A)
+        module.lora_B[adapter].weight.copy_(f.B)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:

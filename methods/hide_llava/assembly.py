@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from cl_bench.errors import CLBenchError
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
 from cl_bench.models.sharing import shallow_copy
 from methods.hide_llava.experts import TaskExpert
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.options import LAYOUTS, HiDeOptions
-from methods.hide_llava.routing import RoutedLoRALinear, Routing
 
 PARAMS_NOTE = (
     "parameters loaded at inference: total = model + lora + anchors; lora counts what Table 3 "

@@ -11,7 +11,6 @@ single-modality routing (Figure 4) other ``image_weight``/``text_weight`` values
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import random
@@ -21,16 +20,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from cl_bench.evaluation.routing_counts import RoutingCounts
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.deltas import stage_delta
-from cl_bench.models.encoders import Encoder, method_encoder
+from cl_bench.models.encoders import Encoder, suite_encoder
 from cl_bench.models.llava import load_image
 from cl_bench.models.lora import add_lora
+from cl_bench.models.routed_lora import Routing, anchor_similarity
 from cl_bench.registry import register_method
 from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble
 from methods.hide_llava.experts import TaskExpert, expert_model, load_experts, set_projector
 from methods.hide_llava.options import LAYOUTS, HiDeOptions, check_options
-from methods.hide_llava.routing import Routing, anchor_similarity, routing_weights
+from methods.hide_llava.routing import routing_weights
 from tasks.loaders import Sample
 
 Prompt = tuple[str, Image.Image | None]
@@ -53,9 +54,12 @@ class HiDeLLaVA(Method):
         check_options(options)
         self.experts: list[TaskExpert] = []
         self.routing: Routing | None = None
-        self.routing_counts: dict[str, list[int]] = {}
+        self.routing_counts = RoutingCounts([])
         self.params: InferenceParams | None = None
-        self.encoder: Encoder | None = self._encoder() if self.routed else None
+        self.encoder: Encoder | None = (
+            suite_encoder(options.encoder, context, options.text_feature, "hide_llava")
+            if self.routed else None
+        )
 
     @property
     def routed(self) -> bool:
@@ -64,10 +68,6 @@ class HiDeLLaVA(Method):
     @property
     def expert_dir(self) -> Path:
         return self.context.run_dir / "hide_llava"
-
-    def _encoder(self) -> Encoder:
-        return method_encoder(self.options.encoder, self.context, self.options.text_feature,
-                              "hide_llava")
 
     # -- training ----------------------------------------------------------------------------
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
@@ -123,7 +123,7 @@ class HiDeLLaVA(Method):
             for expert in self.experts:
                 expert.check_anchors(self.expert_dir / expert.file_name)
         self.routing = Routing() if self.routed else None
-        self.routing_counts = {}
+        self.routing_counts = RoutingCounts([e.task for e in self.experts])
         assembled, params = assemble(model, self.experts, self.options, self.routing or Routing())
         if self.encoder is not None:
             params.encoder = self.encoder.parameter_count()
@@ -139,9 +139,7 @@ class HiDeLLaVA(Method):
         d = self.route(prompts)
         device = next(model.parameters()).device
         self.routing.weights = d.to(device)
-        counts = self.routing_counts.setdefault(label, [0] * len(self.experts))
-        for c in d.argmax(dim=1).tolist():
-            counts[c] += 1
+        self.routing_counts.add(label, d.argmax(dim=1).tolist())
 
     def route(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Routing weights d (B x C, on the CPU) of a batch, from its images and questions."""
@@ -181,25 +179,8 @@ class HiDeLLaVA(Method):
         if self.encoder is not None:
             info["encoder"] = self.encoder.description
         if self.routing_counts:
-            info["routing_accuracy"] = self.write_routing(stage.index)
+            info["routing_accuracy"] = self.routing_counts.write(self.context.run_dir, stage.index)
         return info
-
-    def write_routing(self, stage: int) -> dict[str, float | None]:
-        """Write the evaluated-task x routed-task counts; return each task's routing accuracy."""
-        experts = [e.task for e in self.experts]
-        accuracy: dict[str, float | None] = {}
-        folder = self.context.run_dir / "routing"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"stage_{stage}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["evaluated", *experts, "routing_accuracy"])
-            for label, counts in self.routing_counts.items():
-                total = sum(counts)
-                right = counts[experts.index(label)] if label in experts else None
-                accuracy[label] = None if right is None or not total else 100.0 * right / total
-                shown = "" if accuracy[label] is None else f"{accuracy[label]:.2f}"
-                writer.writerow([label, *counts, shown])
-        return accuracy
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:

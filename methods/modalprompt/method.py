@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
-from cl_bench.models.encoders import Encoder, method_encoder
+from cl_bench.models.encoders import Encoder, suite_encoder
 from cl_bench.models.lora import set_projector_trainable
 from cl_bench.models.prompting import PromptInsertion, attach_prompts, vocabulary_embeddings
 from cl_bench.models.sharing import shallow_copy
@@ -51,7 +51,7 @@ class ModalPrompt(Method):
 
     def __init__(self, options: ModalPromptOptions, context: MethodContext) -> None:
         super().__init__(options, context)
-        self.encoder: Encoder = method_encoder(options.encoder, context, options.text_feature,
+        self.encoder: Encoder = suite_encoder(options.encoder, context, options.text_feature,
                                                "modalprompt")
         self.feature_dim = self._feature_dim()
         self.prompts: TaskPrompts | None = None
