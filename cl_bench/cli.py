@@ -57,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "method": args.method, "suite": args.suite, "order": args.order, "out": args.out,
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
+        "model.device": args.device,
     }
     if args.resume:
         if not args.out:
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder (default runs/<suite>-<method>-seed<N>)")
     run.add_argument("--seed", type=int)
     run.add_argument("--model", help="local Hugging Face LLaVA folder to start from")
+    run.add_argument("--device", help="auto (default: cuda:LOCAL_RANK when there is a GPU), "
+                     "cpu, cuda or cuda:N")
     run.add_argument("--data-root", help="folder holding the suite's data")
     run.add_argument("--config", type=Path, help="YAML config file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
