@@ -105,6 +105,7 @@ def load_llava(path: str | Path, settings: ModelConfig | None = None) -> ModelBu
     backbone.check_aspect_ratio(settings.image_aspect_ratio)
     attention = attention_implementation(settings.attn_implementation, device, dtype)
     model, processor = backbone.load(folder, dtype, attention)
+    model.requires_grad_(False)  # frozen: methods make trainable what they train
     if is_low_precision(dtype):
         keep_float32(backbone.projector(model))  # it trains, and carries full-size updates
     model.to(device)

@@ -4,10 +4,12 @@ A run never rewrites the base model's low-precision weights. What a stage leaves
 layer (its LoRA, merged or consolidated) is added to that layer as float32 low-rank factors:
 
 - weights in bfloat16 or float16: the factors stay beside the frozen weight and the layer
-  computes ``W x + b + B (A x)``. Merging them would round most of the update away: bfloat16
-  keeps 8 significant bits, so an element of W moves only where its update exceeds half a
-  rounding step (2^-9 |W|); at |dW|/|W| of 1e-3 to 1e-4, where LLaVA-c's SAC and ModelMix at
-  alpha 0.2 land, most of dW is lost.
+  computes ``W x + b + B (A x)`` accumulated in float32 and rounded once. Merging them would
+  round most of the update away: bfloat16 keeps 8 significant bits, so an element of W moves
+  only where its update exceeds half a rounding step (2^-9 |W|); at |dW|/|W| of 1e-3 to 1e-4,
+  where LLaVA-c's SAC and ModelMix at alpha 0.2 land, most of dW is lost. Adding the update to
+  the already rounded bfloat16 output would lose it the same way, hence the single rounding
+  (on CUDA ``torch.mm(..., out_dtype=float32)``: bfloat16 inputs, float32 accumulator kept).
 - weights in float32: the factors' product is added to the weight (float32 keeps such an update
   to ~1e-7 relative precision) and the factors are kept for the checkpoint, which replays them in
   order, giving bit-identical weights.
@@ -33,6 +35,29 @@ from cl_bench.models.placement import is_low_precision
 Update = LoraFactors | torch.Tensor
 
 
+def float32_linear(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T + b`` accumulated and returned in float32, so that what is added to it is
+    rounded once with it. Low-precision weights are never copied to float32 on CUDA."""
+    if x.is_cuda and is_low_precision(weight.dtype):
+        try:
+            flat = torch.mm(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.T,
+                            out_dtype=torch.float32)
+            out = flat.view(*x.shape[:-1], weight.shape[0])
+            return out if bias is None else out + bias.float()
+        except (TypeError, RuntimeError):  # a torch without mm(..., out_dtype=)
+            pass
+    with torch.autocast("cpu", enabled=False):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def linear_float32(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's output before its final rounding (its updates included)."""
+    if isinstance(module, UpdatedLinear):
+        return module.forward_float32(x)
+    return float32_linear(x, module.weight, module.bias)
+
+
 class UpdatedLinear(torch.nn.Linear):
     """A linear layer with the consolidated updates of past stages. Shares weight and bias with
     the layer it replaces. Low-precision weights: float32 factors ``update_B`` (out x R) and
@@ -55,13 +80,20 @@ class UpdatedLinear(torch.nn.Linear):
         self.history: list[Update] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+        if self.merged or not self.ranks:
+            return super().forward(x)
+        return self.forward_float32(x).to(self.weight.dtype)
+
+    def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + b`` and every update beside the weight, accumulated in float32."""
+        out = float32_linear(x, self.weight, self.bias)
         if self.merged or not self.ranks:
             return out
-        extra = (x.to(self.update_A.dtype) @ self.update_A.T) @ self.update_B.T
+        xf = x.float()
+        out = out + (xf @ self.update_A.T) @ self.update_B.T
         if self.update_dense is not None:
-            extra = extra + F.linear(x.to(self.update_dense.dtype), self.update_dense)
-        return (out + extra).to(out.dtype)
+            out = out + F.linear(xf, self.update_dense)
+        return out
 
     @torch.no_grad()
     def add(self, update: Update) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import LoraFactors
+from cl_bench.models.updates import linear_float32
 
 
 # -- routing: HiDe-LLaVA eq. 3-5 ----------------------------------------------------------------
@@ -65,7 +66,7 @@ class Routing:
 
 class RoutedLoRALinear(torch.nn.Module):
     """base(x) + sum_c d_c * s_c * B_c A_c x, with per-sample weights d (HiDe-LLaVA eq. 5).
-    The factors stay float32 on the base's device, the branches are computed in float32."""
+    The factors stay float32 on the base's device; base and branches are summed in float32."""
 
     def __init__(self, base: torch.nn.Linear, experts: list[LoraFactors], routing: Routing) -> None:
         super().__init__()
@@ -81,13 +82,13 @@ class RoutedLoRALinear(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        total = linear_float32(self.base, x)  # rounded once, with the branches
         d = self.routing.for_rows(x.shape[0]).float()
         shape = (x.shape[0], *([1] * (x.ndim - 1)))
-        total, xf = out.float(), x.float()
+        xf = x.float()
         for c, (A, B) in enumerate(zip(self.A, self.B, strict=True)):
             total = total + d[:, c].view(shape) * ((xf @ A.T) @ B.T)  # HiDe-LLaVA eq. 5
-        return total.to(out.dtype)
+        return total.to(self.base.weight.dtype)
 
     def lora_parameters(self) -> int:
         return sum(p.numel() for p in itertools.chain(self.A, self.B))
