@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +188,8 @@ def train_model(
     """Train ``model`` in place on ``samples``; returns the final training metrics.
 
     With ``cfg.save_steps`` the Trainer checkpoints into ``output_dir`` and a later call on the
-    same folder resumes from its last checkpoint; the folder is removed once training ends.
+    same folder resumes from its last checkpoint (the caller removes the folder once the stage
+    is kept).
     """
     if cfg.limit is not None:
         samples = random.Random(seed).sample(samples, min(cfg.limit, len(samples)))
@@ -204,6 +204,7 @@ def train_model(
     )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
-    if cfg.save_steps > 0:
-        shutil.rmtree(output_dir, ignore_errors=True)
-    return {"train_loss": float(result.training_loss), **trainer.loss_parts}
+    info = {"train_loss": float(result.training_loss), **trainer.loss_parts}
+    if last is not None:  # the Trainer averages the loss over the steps after the resume
+        info["resumed_from_step"] = int(Path(last).name.rpartition("-")[2])
+    return info
