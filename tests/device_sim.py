@@ -8,10 +8,16 @@ operation that mixes such a tensor with an ordinary (CPU) tensor of one or more 
 device". As on CUDA, CPU scalars (0-dim tensors), cross-device ``copy_`` and CPU index tensors
 are allowed. A model moved to ``meta`` inside the context therefore fails on the first tensor
 any code path creates without following the model's device.
+
+``accelerator_runs(monkeypatch)`` additionally makes runs place their model there (as
+``--device cuda`` would on a GPU machine) and lets the Trainer and Accelerate use it as their
+device, so that training, evaluation, probes, general benchmarks, checkpoints and analyses all
+run on the simulated accelerator.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -154,3 +160,23 @@ def simulated_accelerator() -> Iterator[torch.device]:
     """Inside, ``meta`` is an accelerator with real values (see the module docstring)."""
     with _Mode(), _Constructors():
         yield ACCELERATOR
+
+
+@contextmanager
+def accelerator_runs(monkeypatch) -> Iterator[torch.device]:
+    """Runs (``load_llava``) place models on the simulated accelerator, the Trainer's and
+    Accelerate's device is that accelerator, and fused AdamW accepts it, as CUDA does."""
+    from accelerate import Accelerator
+    from transformers import TrainingArguments
+
+    import cl_bench.models.llava
+
+    monkeypatch.setattr(cl_bench.models.llava, "resolve_device", lambda spec: ACCELERATOR)
+    monkeypatch.setattr(TrainingArguments, "device",
+                        property(lambda self: (self._setup_devices, ACCELERATOR)[1]))
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: ACCELERATOR))
+    adam = importlib.import_module("torch.optim.adam")
+    monkeypatch.setattr(adam, "_device_dtype_check_for_fused",
+                        lambda params, cuda_unsupported=False: None)
+    with simulated_accelerator() as device:
+        yield device
