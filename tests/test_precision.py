@@ -129,6 +129,20 @@ def test_a_small_update_survives_a_stage_and_its_checkpoint_in_bfloat16(
                                   mix(update)) < 0.01
 
 
+def test_export_merges_the_updates_in_float32(tiny_llava, ucit_root, tmp_path) -> None:
+    from cl_bench.models.updates import merged_state
+
+    method = method_on("finetune", tiny_llava, ucit_root, tmp_path, "bf16")
+    model = method.before_stage(method.context.bundle.model, stage())
+    expected = small_lora(model, seed=3)
+    model = method.after_stage(model, stage())
+    state = merged_state(model, torch.float32)
+    name, update = next(iter(expected.items()))
+    weight = model.get_submodule(name).weight.float()
+    assert torch.allclose(state[f"{name}.weight"], weight + update, rtol=0, atol=1e-9)
+    assert state[f"{name}.weight"].dtype == torch.float32
+
+
 def test_float32_updates_merge_and_replay_bit_for_bit(tiny_llava, ucit_root, tmp_path) -> None:
     method = method_on("finetune", tiny_llava, ucit_root, tmp_path, "fp32")
     model = method.context.bundle.model
