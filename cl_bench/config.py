@@ -105,6 +105,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.model is None or isinstance(self.model, str | Path):  # RunConfig(model=PATH)
+            self.model = ModelConfig(path=None if self.model is None else str(self.model))
+
 
 QUICK = {"train.limit": 48, "train.max_steps": 6, "eval.limit": 12, "eval.max_new_tokens": 12,
          "train.dataloader_workers": 0}
