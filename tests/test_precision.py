@@ -61,7 +61,7 @@ def small_lora(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want).norm() / want.norm())
+    return float((got.detach().float() - want).norm() / want.norm())
 
 
 def applied_update(layer: torch.nn.Module, start: torch.Tensor) -> torch.Tensor:
