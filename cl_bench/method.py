@@ -2,7 +2,8 @@
 
 The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
 ``training_samples`` (``before_train_batch`` before each batch's forward) with ``extra_losses``
-added to the LLaVA loss -> ``after_stage``
+added to the LLaVA loss (``before_optimizer_step`` between the backward and the optimizer step)
+-> ``after_stage``
 (consolidation) -> evaluation of every task on ``eval_model`` (``before_generate`` before each
 generation batch) -> ``after_evaluation`` -> ``save``. A method sees only the current stage's
 tasks, never the future ones.
@@ -107,6 +108,16 @@ class Method:
     def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict:
         """Terms added to the LLaVA loss at every training step, by name."""
         return {}
+
+    def before_optimizer_step(self, model: torch.nn.Module) -> None:
+        """Called once per optimizer step on ``model`` (the one ``before_stage`` returned), after
+        the backward of the step's last accumulated micro-batch and before gradient clipping and
+        the optimizer step, under the training's autocast: the trainable parameters' ``.grad``
+        hold the step's gradient, which the hook may change in place (e.g. GEM's projection).
+        It may run forward and backward passes of its own, as long as it leaves ``.grad`` holding
+        the gradient to step with. Under DeepSpeed the engine steps inside the backward, so a
+        method that overrides this hook must refuse DeepSpeed (and DDP, unless it reduces what it
+        computes across ranks)."""
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Consolidate after training: merge the LoRA into the weights."""

@@ -13,7 +13,8 @@ from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import load_llava
-from methods.moelora import MoELoRA, MoELoRALinear, MoELoRAOptions, moe_layers
+from cl_bench.models.moe_lora import MoELoRALinear, expert_layers
+from methods.moelora import MoELoRA, MoELoRAOptions
 
 
 def toy_layer(scaling: float = 2.0) -> MoELoRALinear:
@@ -97,7 +98,7 @@ def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     method = planned(ctx, MoELoRAOptions(rank=4, alpha=8.0))
     start = {n: p.detach().clone() for n, p in ctx.bundle.model.named_parameters()}
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
-    layers = moe_layers(model)
+    layers = expert_layers(model)
     assert len(layers) == 7 * model.config.text_config.num_hidden_layers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.rsplit(".", 1)[1] for n in trainable if "multi_modal_projector" not in n} == {
@@ -130,7 +131,7 @@ def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     with torch.no_grad():
         layer.B.copy_(trained)
     model, _ = train_stage(method, model, 2, "ArxivQA")  # the same experts train on
-    assert moe_layers(model) == layers and not torch.equal(layer.B, trained)
+    assert expert_layers(model) == layers and not torch.equal(layer.B, trained)
 
 
 def test_checkpoints_hold_a_plain_llava_and_the_adapters(tiny_llava, ucit_root, tmp_path) -> None:
@@ -139,7 +140,7 @@ def test_checkpoints_hold_a_plain_llava_and_the_adapters(tiny_llava, ucit_root, 
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     method.save(model, tmp_path / "checkpoint")
     plain = load_llava(tmp_path / "checkpoint" / "model").model  # a standard LLaVA folder
-    assert not moe_layers(plain) and moe_layers(model)  # saving left the trained model wrapped
+    assert not expert_layers(plain) and expert_layers(model)  # the trained model stays wrapped
     fresh = planned(ctx, MoELoRAOptions())
     loaded = fresh.load(tmp_path / "checkpoint")
     batch = collate_batch([prompt_item(ctx.bundle, "red", None)], ctx.bundle)

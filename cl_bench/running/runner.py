@@ -182,7 +182,7 @@ def run_stage(
         model, ctx.bundle, method.training_samples(stage), ctx.config.train,
         folder.path / "trainer" / f"stage_{stage.index}", ctx.config.seed + stage.index,
         method.extra_losses, functools.partial(method.before_train_batch, model),
-        ctx.config.report_to,
+        ctx.config.report_to, functools.partial(method.before_optimizer_step, model),
     )
     model = method.after_stage(model, stage)
     t1 = time.time()

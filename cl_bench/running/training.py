@@ -17,19 +17,30 @@ from tasks.loaders import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], dict[str, torch.Tensor]]
 BeforeBatch = Callable[[list[tuple[str, Image.Image | None]]], None]
+BeforeStep = Callable[[], None]
 ROW_PROMPTS = "row_prompts"  # the batch's (first question, image) rows, for ``before_batch``
 
 
 class MethodTrainer(Trainer):
     """A Trainer whose loss is the LLaVA loss plus the method's extra terms; ``before_batch``
-    sees each batch's rows before its forward."""
+    sees each batch's rows before its forward, ``before_step`` the gradients of each optimizer
+    step before clipping and the step."""
 
     def __init__(self, *args, extra_loss: ExtraLoss | None = None,
-                 before_batch: BeforeBatch | None = None, **kwargs) -> None:
+                 before_batch: BeforeBatch | None = None, before_step: BeforeStep | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.extra_loss = extra_loss
         self.before_batch = before_batch
+        self.before_step = before_step
         self.loss_parts: dict[str, float] = {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.before_step is not None and self.accelerator.sync_gradients:
+            with self.compute_loss_context_manager():  # the training's autocast
+                self.before_step()  # the step's last micro-batch: clipping and the step follow
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop(ROW_PROMPTS)
@@ -90,6 +101,7 @@ def train_model(
     extra_loss: ExtraLoss | None = None,
     before_batch: BeforeBatch | None = None,
     report_to: list[str] | None = None,
+    before_step: BeforeStep | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``samples``; returns the final training metrics."""
     if cfg.limit is not None:
@@ -101,6 +113,7 @@ def train_model(
         data_collator=lambda items: collate_training(items, bundle),
         extra_loss=extra_loss,
         before_batch=before_batch,
+        before_step=before_step,
     )
     result = trainer.train()
     return {"train_loss": float(result.training_loss), **trainer.loss_parts}
