@@ -63,6 +63,16 @@ class MethodContext:
             self._cache[task.name] = load_samples(files.train, files.image_root)
         return self._cache[task.name]
 
+    def train_sample(self, task: str, index: int) -> Sample:
+        """Training sample ``index`` of the suite's task named ``task`` (a stored reference, e.g.
+        a replay buffer's), checked against the data."""
+        spec = next((t for t in self.suite.tasks if t.name == task), None)
+        samples = self.train_samples(spec) if spec is not None else []
+        if index >= len(samples):
+            raise CLBenchError(f"a stored reference names training sample {index} of task "
+                               f"{task!r}, which has {len(samples)}: did the data change?")
+        return samples[index]
+
     def suite_file(self, relative: str | None, what: str) -> Path:
         """A file of the suite under the data root (inquiries, probes)."""
         if relative is None:

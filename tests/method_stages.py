@@ -36,7 +36,8 @@ def train_stage(method: Method, model, index: int, task: str):
     model = method.before_stage(model, stage(index, task))
     info = train_model(model, ctx.bundle, method.training_samples(stage(index, task)),
                        ctx.config.train, ctx.run_dir / "trainer", index, method.extra_losses,
-                       functools.partial(method.before_train_batch, model))
+                       functools.partial(method.before_train_batch, model),
+                       before_step=functools.partial(method.before_optimizer_step, model))
     return method.after_stage(model, stage(index, task)), info
 
 
