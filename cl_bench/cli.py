@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
         "report_to": args.report_to,
+        "model.device": args.device,
     }
     if args.resume:
         if not args.out:
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "grid's folder (default runs/<suite>-grid)")
     run.add_argument("--seed", type=int)
     run.add_argument("--model", help="local Hugging Face LLaVA folder to start from")
+    run.add_argument("--device", help="auto (default: cuda:LOCAL_RANK when there is a GPU), "
+                     "cpu, cuda or cuda:N")
     run.add_argument("--data-root", help="folder holding the suite's data")
     run.add_argument("--config", type=Path, help="YAML config file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -141,6 +141,7 @@ class FlatGradients:
            "(as seq_lora), each step's gradient projected against the earlier tasks' memories",
     growth="memory_per_task training samples per task (by reference) and, while training, one "
            "fp32 gradient of the trainable parameters per earlier task",
+    launchers=("single",),  # the projection needs the whole step's gradient on one process
 )
 class GEM(SeqLoRA):
     """Sequential LoRA whose gradients never increase the loss on an episodic memory of the
@@ -212,8 +213,11 @@ class GEM(SeqLoRA):
         return {"projected_steps": self.projected, "steps": self.steps}
 
     def state(self) -> dict:
-        return {"memories": [[list(item) for item in memory] for memory in self.memories]}
+        """The memories and, mid-stage, the step counters that seed each step's memory batch."""
+        return {"memories": [[list(item) for item in memory] for memory in self.memories],
+                "steps": self.steps, "projected": self.projected}
 
     def load_state(self, state: dict) -> None:
         self.memories = [[(str(task), int(i)) for task, i in memory]
                          for memory in state.get("memories", [])]
+        self.steps, self.projected = state.get("steps", 0), state.get("projected", 0)

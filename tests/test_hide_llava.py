@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -22,8 +23,8 @@ from cl_bench.models.llava import encode_prompt, load_image, load_llava
 from cl_bench.models.lora import add_lora
 from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
 from cl_bench.registry import get_method
-from methods.hide_llava.assembly import assemble, layer_modes
-from methods.hide_llava.experts import TaskExpert, expert_model, load_experts
+from methods.hide_llava.assembly import assemble, expert_model, layer_modes
+from methods.hide_llava.experts import TaskExpert, load_experts, set_projector
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
@@ -103,6 +104,16 @@ def one_expert(bundle, seed: int = 0) -> tuple[torch.nn.Module, TaskExpert]:
     return plain, expert
 
 
+def merged_reference(model: torch.nn.Module, expert: TaskExpert) -> torch.nn.Module:
+    """The task's model the plain way: a full copy, its projector, its LoRA merged."""
+    single = copy.deepcopy(model)
+    set_projector(single, expert.projector)
+    with torch.no_grad():
+        for name, factors in expert.lora.items():
+            single.get_submodule(name).weight += factors.product()
+    return single
+
+
 @pytest.mark.parametrize(("layout", "fusion"), [
     ("hide", "sum"), ("hide", "reference"), ("merge_all", "sum"), ("expand_all", "sum"),
 ])
@@ -116,11 +127,13 @@ def test_with_one_task_the_assembled_model_is_the_task_model(
     routing.weights = torch.ones(batch["input_ids"].shape[0], 1)  # softmax over one task
     options = HiDeOptions(layout=layout, fusion=fusion)
     assembled, _ = assemble(plain, [expert], options, routing)
-    merged = expert_model(plain, expert)
+    merged = merged_reference(plain, expert)
     with torch.no_grad():
         got, want = assembled(**batch).logits, merged(**batch).logits
+        own = expert_model(plain, expert)(**batch).logits
         untouched = plain(**batch).logits
     assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(own, want, atol=1e-4)  # the task's own model, built without a copy
     assert not torch.allclose(untouched, want, atol=1e-3)  # the LoRA does change the model
 
 
@@ -142,7 +155,7 @@ def test_table_3_layouts_and_parameters_loaded(tiny_llava) -> None:
     bundle = load_llava(tiny_llava)
     plain, expert = one_expert(bundle)
     experts = [expert, expert]
-    modes = layer_modes(experts, "hide", 1, 2)
+    modes = layer_modes(plain, experts, "hide", 1)
     assert {m for n, m in modes.items() if ".layers.1." in n} == {"expand"}
     assert {m for n, m in modes.items() if ".layers.0." in n} == {"merge"}
     # one rank-r LoRA on a tiny layer: q, k, v, o (64 -> 64), gate, up (64 -> 128), down

@@ -12,8 +12,8 @@ from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch, prompt_item
-from cl_bench.models.llava import load_llava
-from cl_bench.models.moe_lora import MoELoRALinear, expert_layers
+from cl_bench.models.checkpoint import MODEL_FILE
+from cl_bench.models.moe_lora import MoELoRALinear, expert_layers, without_experts
 from methods.moelora import MoELoRA, MoELoRAOptions
 
 
@@ -134,15 +134,20 @@ def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     assert expert_layers(model) == layers and not torch.equal(layer.B, trained)
 
 
-def test_checkpoints_hold_a_plain_llava_and_the_adapters(tiny_llava, ucit_root, tmp_path) -> None:
+def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
+    tiny_llava, ucit_root, tmp_path
+) -> None:
     ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
     method = planned(ctx, MoELoRAOptions())
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
+    ctx.note_trainable(model)  # as the runner: the adapters are no plain trained parameters
     method.save(model, tmp_path / "checkpoint")
-    plain = load_llava(tmp_path / "checkpoint" / "model").model  # a standard LLaVA folder
+    weights = sum(p.stat().st_size for p in tiny_llava.glob("*.safetensors"))
+    assert (tmp_path / "checkpoint" / MODEL_FILE).stat().st_size < weights / 2  # no model copy
+    plain = without_experts(model)
     assert not expert_layers(plain) and expert_layers(model)  # the trained model stays wrapped
-    fresh = planned(ctx, MoELoRAOptions())
-    loaded = fresh.load(tmp_path / "checkpoint")
+    fresh = planned(method_context(tiny_llava, ucit_root, tmp_path, "moelora"), MoELoRAOptions())
+    loaded = fresh.load(tmp_path / "checkpoint")  # on a freshly loaded starting model
     batch = collate_batch([prompt_item(ctx.bundle, "red", None)], ctx.bundle)
     model.eval()
     loaded.eval()

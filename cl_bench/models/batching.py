@@ -47,7 +47,8 @@ def prompt_item(bundle: ModelBundle, question: str, image: Path | Image.Image | 
 
 
 def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False) -> dict:
-    """Pad a batch (right for training, left for generation) and stack its images."""
+    """Pad a batch (right for training, left for generation) and stack its images, on the CPU
+    (``placement.to_model`` moves it to the model's device)."""
     pad = bundle.tokenizer.pad_token_id
     width = max(len(item["ids"]) for item in items)
     input_ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -65,9 +66,7 @@ def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False
         batch["labels"] = labels
     images = [item["image"] for item in items if item["image"] is not None]
     if images:
-        batch["pixel_values"] = bundle.processor.image_processor(
-            images, return_tensors="pt"
-        )["pixel_values"]
+        batch["pixel_values"] = bundle.pixel_values(images)
     return batch
 
 

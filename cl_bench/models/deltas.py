@@ -2,13 +2,13 @@
 
 A stage trains a LoRA on the language model plus, optionally, full parameters (the projector).
 Its update is kept as LoRA factors where it was a LoRA, so that consolidation and later alpha
-sweeps never need the M x N product before the final merge.
+sweeps never need the M x N product. Stored on the CPU; ``cl_bench.models.updates.apply_delta``
+moves what it applies to the model's device.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,8 @@ class StageDelta:
             meta[name] = repr(f.scaling)
         tensors |= {f"full::{name}": t for name, t in self.full.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> StageDelta:
@@ -153,32 +154,3 @@ def stage_delta(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Stag
     params = {strip_prefix(n): p for n, p in model.named_parameters()}
     delta.full = {name: params[name].detach() - old for name, old in before.items()}
     return delta
-
-
-Consolidate = Callable[[LoraFactors | torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def apply_delta(
-    model: torch.nn.Module,
-    delta: StageDelta,
-    consolidate: Consolidate,
-    base: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Add each consolidated update to a plain model's weights.
-
-    Full parameters are set to ``base[name] + consolidate(delta)`` when ``base`` is given (the
-    model still holds the trained values), else the update is added in place.
-    """
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    for name, factors in delta.lora.items():
-        if name not in modules:
-            raise CLBenchError(f"stored delta names module {name!r}, absent from the model")
-        weight = modules[name].weight
-        weight += consolidate(factors).to(weight.dtype)
-    for name, update in delta.full.items():
-        if name not in params:
-            raise CLBenchError(f"stored delta names parameter {name!r}, absent from the model")
-        start = base[name] if base is not None else params[name].detach().clone()
-        params[name].copy_(start + consolidate(update).to(start.dtype))

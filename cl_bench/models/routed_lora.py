@@ -16,7 +16,8 @@ import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import LoraFactors
-from cl_bench.models.lora import shallow_copy
+from cl_bench.models.sharing import shallow_copy
+from cl_bench.models.updates import linear_float32
 
 
 def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -50,27 +51,31 @@ class Routing:
 
 
 class RoutedLoRALinear(torch.nn.Module):
-    """base(x) + sum_c d_c * s_c * B_c A_c x, with per-sample weights d from ``routing``."""
+    """base(x) + sum_c d_c * s_c * B_c A_c x, with per-sample weights d from ``routing``. The
+    factors stay float32 on the base's device; base and branches are summed in float32 and
+    rounded once to the base's dtype."""
 
     def __init__(self, base: torch.nn.Linear, experts: list[LoraFactors], routing: Routing) -> None:
         super().__init__()
         self.base, self.routing = base, routing
-        w = base.weight
+        device = base.weight.device
         self.A = torch.nn.ParameterList(
-            [torch.nn.Parameter(f.A.to(w), requires_grad=False) for f in experts]
+            [torch.nn.Parameter(f.A.to(device, torch.float32), requires_grad=False)
+             for f in experts]
         )
         self.B = torch.nn.ParameterList(
-            [torch.nn.Parameter((f.scaling * f.B.float()).to(w), requires_grad=False)
+            [torch.nn.Parameter(f.scaling * f.B.to(device, torch.float32), requires_grad=False)
              for f in experts]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        d = self.routing.for_rows(x.shape[0]).to(out.dtype)
+        total = linear_float32(self.base, x)
+        d = self.routing.for_rows(x.shape[0]).float()
         shape = (x.shape[0], *([1] * (x.ndim - 1)))
+        xf = x.float()
         for c, (A, B) in enumerate(zip(self.A, self.B, strict=True)):
-            out = out + d[:, c].view(shape) * ((x @ A.T) @ B.T)
-        return out
+            total = total + d[:, c].view(shape) * ((xf @ A.T) @ B.T)
+        return total.to(self.base.weight.dtype)
 
     def lora_parameters(self) -> int:
         return sum(p.numel() for p in itertools.chain(self.A, self.B))

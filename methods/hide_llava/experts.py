@@ -1,9 +1,8 @@
 """What each HiDe-LLaVA stage leaves behind (its LoRA, projector and anchors), stored and
-reloaded, and a task's own model rebuilt from it."""
+reloaded."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,14 +90,3 @@ def set_projector(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> N
             if name not in params:
                 raise CLBenchError(f"stored projector parameter {name!r} is absent from the model")
             params[name].copy_(value.to(params[name]))
-
-
-def expert_model(model: torch.nn.Module, expert: TaskExpert) -> torch.nn.Module:
-    """The task's own fine-tuned model: ``model`` + the task's projector + its LoRA, merged."""
-    single = copy.deepcopy(model)
-    set_projector(single, expert.projector)
-    with torch.no_grad():
-        for name, factors in expert.lora.items():
-            weight = single.get_submodule(name).weight
-            weight += factors.product().to(weight)
-    return single

@@ -26,10 +26,11 @@ from cl_bench.models.deltas import stage_delta
 from cl_bench.models.encoders import Encoder, suite_encoder
 from cl_bench.models.llava import load_image
 from cl_bench.models.lora import add_lora
+from cl_bench.models.placement import device_of
 from cl_bench.models.routed_lora import Routing, anchor_similarity
 from cl_bench.registry import register_method
-from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble
-from methods.hide_llava.experts import TaskExpert, expert_model, load_experts, set_projector
+from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble, expert_model
+from methods.hide_llava.experts import TaskExpert, load_experts, set_projector
 from methods.hide_llava.options import LAYOUTS, HiDeOptions, check_options
 from methods.hide_llava.routing import routing_weights
 from tasks.loaders import Sample
@@ -43,6 +44,9 @@ Prompt = tuple[str, Image.Image | None]
     trains="a fresh LoRA on the base model + the shared projector each stage",
     growth="one LoRA per task kept (routed at the top layer, fused below) + 2 anchors per task",
     routes=True,
+    # HiDe-LLaVA section 4.1: LoRA rank 8 in every linear layer of the language model; the
+    # paper gives no alpha: 16 keeps LLaVA-1.5's alpha = 2 x rank
+    recipe={"lora.rank": 8, "lora.alpha": 16.0},
 )
 class HiDeLLaVA(Method):
     """HiDe-LLaVA: top-layer LoRA experts routed by anchors, the other layers' LoRAs fused."""
@@ -137,26 +141,27 @@ class HiDeLLaVA(Method):
         if self.routing is None or self.encoder is None:
             return
         d = self.route(prompts)
-        device = next(model.parameters()).device
-        self.routing.weights = d.to(device)
+        self.routing.weights = d.to(device_of(model))
         self.routing_counts.add(label, d.argmax(dim=1).tolist())
 
     def route(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """Routing weights d (B x C, on the CPU) of a batch, from its images and questions."""
+        """Routing weights d (B x C, on the encoder's device) of a batch, from its images and
+        questions."""
         o = self.options
-        has_image = torch.tensor([image is not None for _, image in prompts])
+        text_features = self.encoder.text_features([question for question, _ in prompts])
+        has_image = torch.tensor([image is not None for _, image in prompts],
+                                 device=text_features.device)
         image_anchors = [e.image_anchor for e in self.experts]
         use_images = o.image_weight > 0 and bool(has_image.any()) and all(
             a is not None for a in image_anchors
         )
         text_sims = anchor_similarity(
-            self.encoder.text_features([question for question, _ in prompts]).cpu(),
-            self._anchors([e.text_anchor for e in self.experts]),
+            text_features, self._anchors([e.text_anchor for e in self.experts])
         )
         image_sims = None
         if use_images:
             images = [image for _, image in prompts if image is not None]
-            feats = self.encoder.image_features(images).cpu()
+            feats = self.encoder.image_features(images)
             image_sims = torch.zeros_like(text_sims)
             image_sims[has_image] = anchor_similarity(feats, self._anchors(image_anchors))
         else:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_bench.analysis.cka import decoder_layers
 from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
+from cl_bench.models.backbones import backbone_of
 from cl_bench.models.lora import merge_lora, projector_weights, set_projector_weights
 from cl_bench.registry import register_method
 from methods.model_tailor.calibration import calibration_batches, layer_hessians
@@ -105,7 +105,7 @@ class ModelTailor(Method):
                                       o.calibration_samples, o.calibration_batch,
                                       cfg.train.max_length, cfg.seed + stage.index)
         kept = total = 0
-        for layer in decoder_layers(model):
+        for layer in backbone_of(model).decoder_layers(model):
             targets = lora_layers(layer)
             if not targets:
                 continue
