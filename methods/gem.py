@@ -73,7 +73,7 @@ def solve_dual(gram: torch.Tensor, linear: torch.Tensor, margin: float) -> torch
         if passive.all() or float(w.masked_fill(passive, -1.0).max()) <= tol:
             break
         passive[int(w.masked_fill(passive, -float("inf")).argmax())] = True
-        while True:
+        for _ in range(t + 1):  # each pass drops at least one passive coordinate
             s = torch.zeros_like(u)
             idx = passive.nonzero().squeeze(1)
             s[idx] = torch.linalg.lstsq(P[idx][:, idx], d[idx].unsqueeze(1)).solution.squeeze(1)

@@ -4,6 +4,7 @@ optimizer-step hook of the trainer, options, dtype and resume."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -193,3 +194,17 @@ def test_bad_option_stops_a_run_before_its_folder(ucit_root, tiny_llava, tmp_pat
     assert main(quick_run(ucit_root, tiny_llava, out, "gem", "method.memory_per_task=-1")) == 2
     assert "memory_per_task=-1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_mid_stage_resume_draws_the_same_memory_batches(tiny_llava, ucit_root, tmp_path) -> None:
+    ctx = method_context(tiny_llava, ucit_root, tmp_path, "gem")
+    options = GEMOptions(memory_per_task=8, memory_batch_size=2)
+    method = GEM(options, ctx)
+    method.memories = [[("ImageNet-R", i) for i in range(8)]]
+    method.stage_index, method.steps = 2, 5  # five steps into stage 2 at the Trainer checkpoint
+    again = GEM(options, ctx)
+    again.stage_index = 2  # what before_stage set; then the Trainer restores the method state
+    again.load_state(json.loads(json.dumps(method.state())))
+    cpu = torch.device("cpu")
+    picked = method._memory_batch(method.memories[0], 0, cpu)["input_ids"]
+    assert torch.equal(again._memory_batch(again.memories[0], 0, cpu)["input_ids"], picked)
