@@ -144,8 +144,9 @@ class FlatGradients:
     launchers=("single",),  # the projection needs the whole step's gradient on one process
 )
 class GEM(SeqLoRA):
-    """Sequential LoRA whose gradients never increase the loss on an episodic memory of the
-    earlier tasks (to first order): GEM's QP projection at every optimizer step."""
+    """GEM: sequential LoRA whose steps never raise an earlier task's memory loss (first order).
+
+    Each optimizer step's gradient is projected by GEM's QP when it conflicts with one."""
 
     Options = GEMOptions
 
