@@ -30,6 +30,13 @@ def stage(index: int, task: str) -> Stage:
     return Stage(index, (get_suite("ucit").task(task),))
 
 
+def planned(method: Method, tasks: tuple[str, ...] = ("ImageNet-R", "ArxivQA")) -> Method:
+    """``method`` with its stages planned over the UCIT tasks named (a run calls ``plan``
+    first)."""
+    method.plan([method.context.suite.task(task) for task in tasks])
+    return method
+
+
 def train_stage(method: Method, model, index: int, task: str):
     """``before_stage``, a few real Trainer steps through the method's hooks, ``after_stage``."""
     ctx = method.context

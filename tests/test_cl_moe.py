@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from method_stages import method_context, stage, train_stage
+from method_stages import method_context, planned, stage, train_stage
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -68,17 +68,11 @@ def test_the_layer_counts_only_while_training() -> None:
 
 
 # -- in the model --------------------------------------------------------------------------------
-def planned(ctx, **options) -> CLMoE:
-    method = CLMoE(CLMoEOptions(**options), ctx)
-    method.plan([ctx.suite.task("ImageNet-R"), ctx.suite.task("ArxivQA")])
-    return method
-
-
 def test_two_stages_index_their_experts_and_mix_them_by_momentum(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
     ctx = method_context(tiny_llava, ucit_root, tmp_path, "cl_moe")
-    method = planned(ctx, index_size=1)
+    method = planned(CLMoE(CLMoEOptions(index_size=1), ctx))
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     first = method.indices[0]
     assert len(first) == 1 and method.counts.sum() > 0
@@ -98,7 +92,7 @@ def test_two_stages_index_their_experts_and_mix_them_by_momentum(
         assert torch.allclose(layer.A, per_rank[:, None] * a0 + (1 - per_rank[:, None]) * a1)
         assert torch.allclose(layer.B, b0 * per_rank + b1 * (1 - per_rank))
     assert not torch.allclose(layer.B, b1)  # the momentum changed what training left
-    again = planned(ctx, index_size=1)
+    again = planned(CLMoE(CLMoEOptions(index_size=1), ctx))
     again.load_state(json.loads(json.dumps(method.state())))
     assert again.indices == method.indices and torch.equal(again.counts, method.counts.cpu())
 

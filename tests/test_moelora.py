@@ -6,7 +6,13 @@ import math
 
 import pytest
 import torch
-from method_stages import method_context, quick_run, run_resumed_and_whole, train_stage
+from method_stages import (
+    method_context,
+    planned,
+    quick_run,
+    run_resumed_and_whole,
+    train_stage,
+)
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
@@ -85,17 +91,11 @@ def test_bad_rank_stops_a_run_before_any_training(ucit_root, tiny_llava, tmp_pat
     assert not (out / "records.jsonl").exists()  # not even the starting model was evaluated
 
 
-def planned(ctx, options: MoELoRAOptions) -> MoELoRA:
-    method = MoELoRA(options, ctx)
-    method.plan([ctx.suite.task("ImageNet-R"), ctx.suite.task("ArxivQA")])
-    return method
-
-
 def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
     ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
-    method = planned(ctx, MoELoRAOptions(rank=4, alpha=8.0))
+    method = planned(MoELoRA(MoELoRAOptions(rank=4, alpha=8.0), ctx))
     start = {n: p.detach().clone() for n, p in ctx.bundle.model.named_parameters()}
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     layers = expert_layers(model)
@@ -138,7 +138,7 @@ def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
     ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
-    method = planned(ctx, MoELoRAOptions())
+    method = planned(MoELoRA(MoELoRAOptions(), ctx))
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     ctx.note_trainable(model)  # as the runner: the adapters are no plain trained parameters
     method.save(model, tmp_path / "checkpoint")
@@ -146,7 +146,8 @@ def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
     assert (tmp_path / "checkpoint" / MODEL_FILE).stat().st_size < weights / 2  # no model copy
     plain = without_experts(model)
     assert not expert_layers(plain) and expert_layers(model)  # the trained model stays wrapped
-    fresh = planned(method_context(tiny_llava, ucit_root, tmp_path, "moelora"), MoELoRAOptions())
+    fresh = planned(MoELoRA(MoELoRAOptions(),
+                            method_context(tiny_llava, ucit_root, tmp_path, "moelora")))
     loaded = fresh.load(tmp_path / "checkpoint")  # on a freshly loaded starting model
     batch = collate_batch([prompt_item(ctx.bundle, "red", None)], ctx.bundle)
     model.eval()
