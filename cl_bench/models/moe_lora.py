@@ -4,7 +4,7 @@ An ``ExpertLoRALinear`` wraps a linear layer of the language model with E LoRA e
 r/E each. A (r x in) and B (out x r) hold the experts' factors side by side (expert e: rows,
 resp. columns, e r/E to (e+1) r/E); they and every other adapter tensor are fp32 on the base's
 device, whatever the base's dtype, and the output is cast back to the base's dtype. Subclasses
-decide how the experts are weighted (MoELoRA's token router, CL-MoE, SMoLoRA, SAME).
+decide how the experts are weighted (MoELoRA's token router, which CL-MoE extends).
 
 A model's expert layers are saved apart from the plain model (``save_expert_layers``): their
 state (parameters and persistent buffers), without the base weights, by module name.
