@@ -1,5 +1,5 @@
-"""DISCO, SEFE, MR-LoRA and Model Tailor on a bf16 model (on the GPU where there is one): their
-hooks keep the model's dtype and device, and the evaluated model generates."""
+"""DISCO, SEFE, MR-LoRA, Model Tailor and CL-MoE on a bf16 model (on the GPU where there is
+one): their hooks keep the model's dtype and device, and the evaluated model generates."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from method_helpers import load_tiny, make_context, stage, trained_like
 
 from cl_bench.evaluation.generation import generate_answers
+from methods.cl_moe import CLMoE, CLMoEOptions
 from methods.disco import Disco, DiscoOptions
 from methods.model_tailor.method import ModelTailor, ModelTailorOptions
 from methods.mr_lora.method import MRLoRA, MRLoRAOptions
@@ -29,7 +30,7 @@ def frozen_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
             if isinstance(m, torch.nn.Linear) and "multi_modal_projector" not in name}
 
 
-@pytest.mark.parametrize("name", ["disco", "sefe", "mr_lora", "model_tailor"])
+@pytest.mark.parametrize("name", ["disco", "sefe", "mr_lora", "model_tailor", "cl_moe"])
 def test_hooks_keep_dtype_and_device(name, tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
     ctx = bf16_context(name, tiny_llava, ucit_root, tmp_path)
     method = {
@@ -37,7 +38,9 @@ def test_hooks_keep_dtype_and_device(name, tiny_llava, ucit_root, tiny_clip, tmp
         "sefe": lambda: Sefe(SefeOptions(asd=False), ctx),
         "mr_lora": lambda: MRLoRA(MRLoRAOptions(router_epochs=1.0), ctx),
         "model_tailor": lambda: ModelTailor(ModelTailorOptions(calibration_samples=2), ctx),
+        "cl_moe": lambda: CLMoE(CLMoEOptions(experts=2), ctx),
     }[name]()
+    method.plan([ctx.suite.task("ImageNet-R"), ctx.suite.task("ArxivQA")])
     model = ctx.bundle.model
     for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):
         model = method.before_stage(model, stage(index, task))
