@@ -208,6 +208,7 @@ def run_stage(
             ctx.config.seed + stage.index, method.extra_losses,
             functools.partial(method.before_train_batch, model),
             MethodState(method.state, method.load_state), ctx.config.report_to,
+            functools.partial(method.before_optimizer_step, model),
         )
         model = method.after_stage(model, stage)
         done = {"train": train_info, "seconds": round(time.time() - t0, 2), **peak.read("train")}
