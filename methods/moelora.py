@@ -25,6 +25,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.lora import language_model_linears, set_projector_trainable
 from cl_bench.models.sharing import shallow_copy
+from cl_bench.models.updates import linear_float32
 from cl_bench.registry import register_method
 from tasks.suite import TaskSpec
 
@@ -73,6 +74,8 @@ class MoELoRALinear(torch.nn.Module):
     token. A (r x in) and B (out x r) hold the experts' factors side by side (expert e: rows /
     columns e*r/E to (e+1)*r/E); adapter parameters are fp32 whatever the base's dtype."""
 
+    saved_by_method = True  # the checkpoint's ADAPTER_FILE, not the model state
+
     def __init__(self, base: torch.nn.Linear, experts: int, rank: int, scaling: float,
                  dropout: float) -> None:
         super().__init__()
@@ -93,11 +96,14 @@ class MoELoRALinear(torch.nn.Module):
         return torch.softmax(x.float() @ self.router.T, dim=-1)  # CoIN MoELoRA router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        """Base and experts summed in float32 and rounded once to the base's dtype (added to
+        an already rounded low-precision output, a small update would round away)."""
+        out = linear_float32(self.base, x)
         x = x.float()
         h = self.dropout(x) @ self.A.T  # every expert's A_e x, side by side (..., r)
         h = (h.unflatten(-1, (self.experts, -1)) * self.gates(x).unsqueeze(-1)).flatten(-2)
-        return out + (self.scaling * h @ self.B.T).to(out.dtype)  # CoIN: sum_e g_e B_e A_e x
+        out = out + self.scaling * h @ self.B.T  # CoIN: sum_e g_e B_e A_e x
+        return out.to(self.base.weight.dtype)
 
 
 def moe_layers(model: torch.nn.Module) -> dict[str, MoELoRALinear]:

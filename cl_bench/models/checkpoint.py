@@ -41,9 +41,13 @@ def fingerprint(folder: Path) -> str:
 
 
 def trained_names(model: torch.nn.Module) -> set[str]:
-    """The trainable parameters that are not LoRA factors (the projector), PEFT prefix off."""
+    """The trainable parameters that are not LoRA factors (the projector), PEFT prefix off.
+    Parameters of modules a method saves itself (a class attribute ``saved_by_method``, e.g.
+    prompt pools or adapters it removes from the model before saving) are not among them."""
+    owned = tuple(f"{name}." for name, module in model.named_modules()
+                  if getattr(module, "saved_by_method", False))
     return {strip_prefix(n) for n, p in model.named_parameters()
-            if p.requires_grad and "lora_" not in n}
+            if p.requires_grad and "lora_" not in n and not n.startswith(owned)}
 
 
 def save_model_state(model: torch.nn.Module, folder: Path, base: Path,
