@@ -214,6 +214,14 @@ def apply_delta(
         param.copy_(start.to(param.device) + consolidate(update).to(param.device, param.dtype))
 
 
+def effective_weight(layer: torch.nn.Linear) -> torch.Tensor:
+    """The float32 weight a linear layer applies: its weight and the updates beside it."""
+    weight = layer.weight.detach().float()
+    if isinstance(layer, UpdatedLinear) and not layer.merged and layer.ranks:
+        weight = weight + layer.delta().to(weight.device)
+    return weight
+
+
 def updated_layers(model: torch.nn.Module) -> dict[str, UpdatedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, UpdatedLinear)}
 
