@@ -61,14 +61,15 @@ def build_method(name: str, tiny_llava: Path, ucit_root: Path, clip: Path, run_d
 
 
 def two_stages(method: Method, train: bool) -> torch.nn.Module:
-    """The method's plan over two UCIT tasks, each stage through ``before_stage``, one real
-    Trainer step (``train``) or stand-in training, and ``after_stage``; the final model."""
+    """The method's plan over two UCIT tasks, each stage through ``before_stage``, training and
+    ``after_stage``; the final model. Training is stand-in, except with ``train`` at stage 2 (the
+    first where the methods' terms on earlier stages apply): one real Trainer step."""
     ctx = method.context
     model = ctx.bundle.model
     for stage in method.plan([ctx.suite.task(name) for name in TASKS]):
         model = method.before_stage(model, stage)
         ctx.note_trainable(model)
-        if train:
+        if train and stage.index == 2:
             train_model(model, ctx.bundle, method.training_samples(stage), ctx.config.train,
                         ctx.run_dir / "trainer" / str(stage.index), ctx.config.seed,
                         method.extra_losses, functools.partial(method.before_train_batch, model))

@@ -12,6 +12,14 @@ import pytest
 import torch
 from bench_files import write_bench, write_probes
 from device_sim import DeviceMismatch, accelerator_runs, simulated_accelerator
+from method_matrix import (
+    TASKS,
+    build_method,
+    eval_logits,
+    registered_methods,
+    sample_prompts,
+    two_stages,
+)
 from transformers import AutoTokenizer
 
 from cl_bench.cli import main
@@ -137,3 +145,23 @@ def test_a_forgotten_move_is_caught(tiny_llava, device_data, monkeypatch) -> Non
         model = method.before_stage(bundle.model, Stage(1, (get_suite(SUITE).task("ImageNet-R"),)))
         with pytest.raises(DeviceMismatch):
             method.extra_losses(model, {}, None)
+
+
+@pytest.mark.parametrize("name", registered_methods())
+def test_every_method_keeps_to_the_model_device_and_dtype(
+    name, tiny_llava, ucit_root, tiny_clip, tmp_path, monkeypatch
+) -> None:
+    """Each registered method in bfloat16 on the simulated accelerator: two stages with a real
+    Trainer step through its hooks, its checkpoint saved and loaded, its evaluation model's
+    logits through its generation hook. A tensor made on the CPU that meets the model fails."""
+    with accelerator_runs(monkeypatch) as device:
+        method = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16")
+        model = two_stages(method, train=True)
+        assert eval_logits(method, model, sample_prompts(method)).isfinite().all()
+        method.save(model, tmp_path / "checkpoint")
+        fresh = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16")
+        fresh.plan([fresh.context.suite.task(task) for task in TASKS])
+        loaded = fresh.load(tmp_path / "checkpoint")
+        assert eval_logits(fresh, loaded, sample_prompts(fresh)).isfinite().all()
+        frozen = loaded.get_input_embeddings().weight
+        assert frozen.device == device and frozen.dtype == torch.bfloat16
