@@ -42,13 +42,13 @@ def registered_methods() -> list[str]:
     return sorted(name for name, entry in index_methods().items() if entry.base is None)
 
 
-def model_settings(dtype: str) -> ModelConfig:
-    return ModelConfig(device="cpu", dtype=dtype, attn_implementation="sdpa",
+def model_settings(dtype: str, device: str = "cpu") -> ModelConfig:
+    return ModelConfig(device=device, dtype=dtype, attn_implementation="sdpa",
                        conversation="llava_hf", image_aspect_ratio="crop")
 
 
 def build_method(name: str, tiny_llava: Path, ucit_root: Path, clip: Path, run_dir: Path,
-                 dtype: str = "fp32") -> Method:
+                 dtype: str = "fp32", device: str = "cpu") -> Method:
     """``name`` with its cheap options on a freshly loaded tiny LLaVA (LoRA rank 2)."""
     cfg = RunConfig(method=name, suite="ucit", seed=0)
     cfg.lora.rank, cfg.lora.alpha = 2, 4.0
@@ -56,7 +56,7 @@ def build_method(name: str, tiny_llava: Path, ucit_root: Path, clip: Path, run_d
     cfg.train.learning_rate = 1e-2
     spec = get_method(name)
     ctx = MethodContext(cfg, get_suite("ucit"), ucit_root,
-                        load_llava(tiny_llava, model_settings(dtype)), run_dir)
+                        load_llava(tiny_llava, model_settings(dtype, device)), run_dir)
     return spec.cls(spec.options(cheap_options(name, clip)), ctx)
 
 

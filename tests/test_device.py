@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -147,19 +149,34 @@ def test_a_forgotten_move_is_caught(tiny_llava, device_data, monkeypatch) -> Non
             method.extra_losses(model, {}, None)
 
 
+@contextmanager
+def placed(where: str, monkeypatch) -> Iterator[torch.device]:
+    """The simulated accelerator, or the real GPU where there is one."""
+    if where == "cuda":
+        yield torch.device("cuda", 0)
+    else:
+        with accelerator_runs(monkeypatch) as device:
+            yield device
+
+
+@pytest.mark.parametrize("where", ["simulated", *(["cuda"] if torch.cuda.is_available() else [])])
 @pytest.mark.parametrize("name", registered_methods())
 def test_every_method_keeps_to_the_model_device_and_dtype(
-    name, tiny_llava, ucit_root, tiny_clip, tmp_path, monkeypatch
+    name, where, tiny_llava, ucit_root, tiny_clip, tmp_path, monkeypatch
 ) -> None:
-    """Each registered method in bfloat16 on the simulated accelerator: two stages with a real
-    Trainer step through its hooks, its checkpoint saved and loaded, its evaluation model's
-    logits through its generation hook. A tensor made on the CPU that meets the model fails."""
-    with accelerator_runs(monkeypatch) as device:
-        method = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16")
+    """Each registered method in bfloat16 on the simulated accelerator (and on the GPU where
+    there is one): two stages with a real Trainer step through its hooks, its checkpoint saved
+    and loaded, its evaluation model's logits through its generation hook. A tensor made on the
+    CPU that meets the model fails."""
+    device_name = "cuda" if where == "cuda" else "cpu"
+    with placed(where, monkeypatch) as device:
+        method = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16",
+                              device_name)
         model = two_stages(method, train=True)
         assert eval_logits(method, model, sample_prompts(method)).isfinite().all()
         method.save(model, tmp_path / "checkpoint")
-        fresh = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16")
+        fresh = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16",
+                             device_name)
         fresh.plan([fresh.context.suite.task(task) for task in TASKS])
         loaded = fresh.load(tmp_path / "checkpoint")
         assert eval_logits(fresh, loaded, sample_prompts(fresh)).isfinite().all()

@@ -13,7 +13,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import load_llava
-from methods.moelora import MoELoRA, MoELoRALinear, MoELoRAOptions, moe_layers
+from methods.moelora import ADAPTER_FILE, MoELoRA, MoELoRALinear, MoELoRAOptions, moe_layers
 
 
 def toy_layer(scaling: float = 2.0) -> MoELoRALinear:
@@ -138,9 +138,10 @@ def test_checkpoints_hold_a_plain_llava_and_the_adapters(tiny_llava, ucit_root, 
     method = planned(ctx, MoELoRAOptions())
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     method.save(model, tmp_path / "checkpoint")
-    plain = load_llava(tmp_path / "checkpoint" / "model").model  # a standard LLaVA folder
-    assert not moe_layers(plain) and moe_layers(model)  # saving left the trained model wrapped
-    fresh = planned(ctx, MoELoRAOptions())
+    assert (tmp_path / "checkpoint" / ADAPTER_FILE).is_file()
+    plain = load_llava(tiny_llava).model  # the starting model the checkpoint points to
+    assert moe_layers(model)  # saving left the trained model wrapped
+    fresh = planned(method_context(tiny_llava, ucit_root, tmp_path, "moelora"), MoELoRAOptions())
     loaded = fresh.load(tmp_path / "checkpoint")
     batch = collate_batch([prompt_item(ctx.bundle, "red", None)], ctx.bundle)
     model.eval()
