@@ -96,8 +96,8 @@ def test_small_updates_shift_bfloat16_outputs_beside_the_weight_not_merged(tiny_
     assert relative_error(merged.weight.float() - weight.float(), update) > 0.5
     assert abs(output_shift(merged, weight, update) - 1) > 0.3
     beside = UpdatedLinear(linear)
-    beside.add(update)
-    assert relative_error(applied_update(beside, weight), update) < 1e-6
+    beside.add(update)  # a full matrix: held in bfloat16, rounded to 2^-9 of itself at most
+    assert relative_error(applied_update(beside, weight), update) < 2**-8
     assert abs(output_shift(beside, weight, update) - 1) < 0.05
 
 
@@ -238,5 +238,5 @@ def test_model_tailor_keeps_its_patch_beside_bfloat16_weights(tiny_llava, ucit_r
         patch = layer.delta()
         kept = patch != 0
         assert 0.05 < kept.float().mean() <= 0.1 + 1e-9
-        # float32 cancellation in (W + dW) - W at |dW| / |W| = 1e-4: ~6e-8 / 1e-4 of dW
-        assert relative_error(patch[kept], update[kept]) < 1e-3
+        # the dense patch is held in bfloat16: rounded to 2^-9 of each entry at most
+        assert relative_error(patch[kept], update[kept]) < 2**-8
