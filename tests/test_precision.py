@@ -240,3 +240,24 @@ def test_model_tailor_keeps_its_patch_beside_bfloat16_weights(tiny_llava, ucit_r
         assert 0.05 < kept.float().mean() <= 0.1 + 1e-9
         # the dense patch is held in bfloat16: rounded to 2^-9 of each entry at most
         assert relative_error(patch[kept], update[kept]) < 2**-8
+
+
+def test_the_float32_output_matmul_trains() -> None:
+    """``mm(..., out_dtype=float32)`` (CUDA's single-rounding path, run here on the meta device)
+    has no derivative, so a layer with updates beside its weights could not train through it;
+    Float32Output gives ``grad W`` with respect to the input, in the weight's dtype."""
+    from cl_bench.models.updates import Float32Output
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(RuntimeError, match="derivative for aten::mm is not implemented"):
+        torch.mm(x, w.T, out_dtype=torch.float32).sum().backward()
+    out = Float32Output.apply(x, w)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    grad, weight = torch.randn(4, 6, generator=gen), torch.randn(6, 8, generator=gen)
+    cpu_x = torch.randn(4, 8, generator=gen, requires_grad=True)
+    torch.nn.functional.linear(cpu_x, weight).backward(grad)  # the reference gradient
+    saved = type("Saved", (), {"saved_tensors": (weight,)})()
+    assert torch.allclose(Float32Output.backward(saved, grad)[0], cpu_x.grad)

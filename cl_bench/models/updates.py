@@ -39,14 +39,29 @@ from cl_bench.models.placement import is_low_precision
 Update = LoraFactors | torch.Tensor
 
 
+class Float32Output(torch.autograd.Function):
+    """``x W^T`` of low-precision ``x`` and frozen ``W`` with a float32 result
+    (``torch.mm(..., out_dtype=float32)``, which has no derivative of its own), and its gradient
+    with respect to ``x``, ``grad W`` in ``W``'s dtype, so that training runs through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.mm(x, weight.T, out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad.to(weight.dtype) @ weight, None
+
+
 def float32_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` accumulated and returned in float32, so that what is added to it is
-    rounded once with it. Low-precision weights are never copied to float32 on CUDA."""
-    if x.is_cuda and is_low_precision(weight.dtype):
+    rounded once with it. Frozen low-precision weights are never copied to float32 on CUDA."""
+    if x.is_cuda and is_low_precision(weight.dtype) and not weight.requires_grad:
         try:
-            flat = torch.mm(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.T,
-                            out_dtype=torch.float32)
+            flat = Float32Output.apply(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight)
             out = flat.view(*x.shape[:-1], weight.shape[0])
             return out if bias is None else out + bias.float()
         except (TypeError, RuntimeError):  # a torch without mm(..., out_dtype=)
