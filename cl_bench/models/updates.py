@@ -42,7 +42,7 @@ Update = LoraFactors | torch.Tensor
 class Float32Output(torch.autograd.Function):
     """``x W^T`` of low-precision ``x`` and frozen ``W`` with a float32 result
     (``torch.mm(..., out_dtype=float32)``, which has no derivative of its own), and its gradient
-    with respect to ``x``, ``grad W`` in ``W``'s dtype, so that training runs through it."""
+    with respect to ``x`` (``grad @ W`` in ``W``'s dtype), so that training runs through it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
