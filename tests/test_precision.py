@@ -202,8 +202,8 @@ def test_a_carried_lora_shifts_bfloat16_outputs_in_full_at_evaluation(
     weight = peft_layer.get_base_layer().weight.detach().clone()
     assert abs(output_shift(peft_layer, weight, update) - 1) > 0.3
     evaluated = method.eval_model(method.after_stage(model, stage()))
-    prefix = "base_model.model." if hasattr(evaluated, "base_model") else ""  # PEFT, unchanged
-    layer = evaluated.get_submodule(prefix + lora_name)
+    unchanged = isinstance(evaluated, type(model))  # still the PEFT model
+    layer = evaluated.get_submodule(("base_model.model." if unchanged else "") + lora_name)
     assert abs(output_shift(layer, weight, update) - 1) < 0.05
 
 
