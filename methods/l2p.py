@@ -98,6 +98,8 @@ def key_loss(selected_sims: torch.Tensor, present: torch.Tensor) -> torch.Tensor
 class PromptPool(torch.nn.Module):
     """L2P's prompt pool (eq. 1) with a key per prompt; ``set_queries`` before each forward."""
 
+    saved_by_method = True  # the checkpoint's POOL_FILE, not the model state
+
     def __init__(self, prompts: torch.Tensor, keys: torch.Tensor, top_n: int) -> None:
         super().__init__()
         self.prompts = torch.nn.Parameter(prompts.float())  # M x L_p x D

@@ -19,6 +19,7 @@ from cl_bench.models.lora import (
     activate_adapters,
     add_lora,
     load_adapters,
+    lora_beside,
     save_adapters,
     set_projector_trainable,
     without_lora,
@@ -74,10 +75,17 @@ class SeqLoRA(Method):
         """Nothing is merged: the LoRA stays a LoRA."""
         return model
 
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The carried LoRAs beside low-precision weights, so no small update rounds away."""
+        return lora_beside(model)
+
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """The plain model (base weights and the projector) and the LoRA adapters apart."""
         super().save(without_lora(model), folder)
         save_adapters(model, folder / "lora")
 
     def load(self, folder: Path) -> torch.nn.Module:
-        return load_adapters(super().load(folder), folder / "lora", self.adapters())
+        """The model as the stage left it: every adapter active, the last one trainable."""
+        model = load_adapters(super().load(folder), folder / "lora", self.adapters())
+        activate_adapters(model, self.adapters(), self.adapters()[-1:])
+        return model

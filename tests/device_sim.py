@@ -10,9 +10,9 @@ are allowed. A model moved to ``meta`` inside the context therefore fails on the
 any code path creates without following the model's device.
 
 ``accelerator_runs(monkeypatch)`` additionally makes runs place their model there (as
-``--device cuda`` would on a GPU machine) and lets the Trainer and Accelerate use it as their
-device, so that training, evaluation, probes, general benchmarks, checkpoints and analyses all
-run on the simulated accelerator.
+``--device cuda`` would on a GPU machine), lets the Trainer and Accelerate use it as their
+device and PEFT move a new adapter there, so that training, evaluation, probes, general
+benchmarks, checkpoints and analyses all run on the simulated accelerator.
 """
 
 from __future__ import annotations
@@ -162,11 +162,28 @@ def simulated_accelerator() -> Iterator[torch.device]:
         yield ACCELERATOR
 
 
+def _move_adapter(move):
+    """PEFT's move of a new adapter to its base layer's device, which skips an adapter beside
+    others on the ``meta`` device (PEFT's own deferred initialisation): on the simulated
+    accelerator, which is ``meta``, the adapter goes to the base layer's device as on CUDA."""
+    def moved(layer, adapter_name: str, device=None) -> None:
+        move(layer, adapter_name, device)
+        if layer.get_base_layer().weight.device != ACCELERATOR:
+            return
+        for name in layer.adapter_layer_names + layer.other_param_names:
+            adapters = getattr(layer, name, None)
+            if isinstance(adapters, torch.nn.ModuleDict | torch.nn.ParameterDict) \
+                    and adapter_name in adapters:
+                adapters[adapter_name] = adapters[adapter_name].to(ACCELERATOR)
+    return moved
+
+
 @contextmanager
 def accelerator_runs(monkeypatch) -> Iterator[torch.device]:
     """Runs (``load_llava``) place models on the simulated accelerator, the Trainer's and
     Accelerate's device is that accelerator, and fused AdamW accepts it, as CUDA does."""
     from accelerate import Accelerator
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import TrainingArguments
 
     import cl_bench.models.llava
@@ -178,5 +195,7 @@ def accelerator_runs(monkeypatch) -> Iterator[torch.device]:
     adam = importlib.import_module("torch.optim.adam")
     monkeypatch.setattr(adam, "_device_dtype_check_for_fused",
                         lambda params, cuda_unsupported=False: None)
+    monkeypatch.setattr(BaseTunerLayer, "_move_adapter_to_device_of_base_layer",
+                        _move_adapter(BaseTunerLayer._move_adapter_to_device_of_base_layer))
     with simulated_accelerator() as device:
         yield device

@@ -41,7 +41,7 @@ def trained_like(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 scale = 0.5 if "lora_B" in name else 0.01
-                p.add_(scale * torch.randn(p.shape, generator=gen))
+                p.add_((scale * torch.randn(p.shape, generator=gen)).to(p.device))
 
 
 def stage(index: int, name: str) -> Stage:

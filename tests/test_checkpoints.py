@@ -7,11 +7,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from method_matrix import (
+    TASKS,
+    build_method,
+    eval_logits,
+    model_logits,
+    registered_methods,
+    sample_prompts,
+    two_stages,
+)
 from safetensors import safe_open
 
 import cl_bench.running.runner
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
+from cl_bench.models.batching import prompt_item
 from cl_bench.models.checkpoint import BASE_FILE, MODEL_FILE, fingerprint
 from cl_bench.running.training import METHOD_STATE_FILE, TRAINABLE_FILE, MethodTrainer
 
@@ -125,3 +136,34 @@ def test_a_checkpoint_of_another_base_is_refused(uninterrupted, tmp_path) -> Non
     (other / "config.json").write_text("{}")
     with pytest.raises(CLBenchError, match="differs: resume with the same --model"):
         load_model_state(None, uninterrupted / "checkpoints" / "stage_2", other)
+
+
+DENSE_UPDATES = {"model_tailor"}  # its patch is dense in the adapted weights (docs/gpu.md)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("name", registered_methods())
+def test_every_method_resumes_from_its_stage_checkpoint_exactly(
+    name, tiny_llava, ucit_root, tiny_clip, tmp_path
+) -> None:
+    """Two bfloat16 stages (stand-in training), the stage checkpoint, and a fresh starting model
+    loading it: the evaluation model's logits are equal, and the checkpoint holds what changed,
+    not a copy of the model."""
+    method = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path / "run", "bf16")
+    samples = sample_prompts(method)
+    bundle = method.context.bundle
+    start = model_logits(bundle.model, bundle, [prompt_item(bundle, s.question, s.image)
+                                                for s in samples])
+    model = two_stages(method, train=False)
+    want = eval_logits(method, model, samples)
+    assert name == "zeroshot" or not torch.equal(want, start)  # the stages changed the model
+    method.save(model, tmp_path / "checkpoint")
+    fresh = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path / "run", "bf16")
+    fresh.plan([fresh.context.suite.task(task) for task in TASKS])
+    loaded = fresh.load(tmp_path / "checkpoint")
+    assert torch.equal(eval_logits(fresh, loaded, samples), want)
+    base = sum(p.stat().st_size for p in tiny_llava.glob("*.safetensors"))
+    assert folder_bytes(tmp_path / "checkpoint") < base * (1 if name in DENSE_UPDATES else 0.5)

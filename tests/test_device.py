@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from bench_files import write_bench, write_probes
 from device_sim import DeviceMismatch, accelerator_runs, simulated_accelerator
+from method_matrix import (
+    TASKS,
+    build_method,
+    eval_logits,
+    registered_methods,
+    sample_prompts,
+    two_stages,
+)
 from transformers import AutoTokenizer
 
 from cl_bench.cli import main
@@ -150,3 +160,38 @@ def test_a_forgotten_move_is_caught(tiny_llava, device_data, monkeypatch) -> Non
         model = method.before_stage(bundle.model, Stage(1, (get_suite(SUITE).task("ImageNet-R"),)))
         with pytest.raises(DeviceMismatch):
             method.extra_losses(model, {}, None)
+
+
+@contextmanager
+def placed(where: str, monkeypatch) -> Iterator[torch.device]:
+    """The simulated accelerator, or the real GPU where there is one."""
+    if where == "cuda":
+        yield torch.device("cuda", 0)
+    else:
+        with accelerator_runs(monkeypatch) as device:
+            yield device
+
+
+@pytest.mark.parametrize("where", ["simulated", *(["cuda"] if torch.cuda.is_available() else [])])
+@pytest.mark.parametrize("name", registered_methods())
+def test_every_method_keeps_to_the_model_device_and_dtype(
+    name, where, tiny_llava, ucit_root, tiny_clip, tmp_path, monkeypatch
+) -> None:
+    """Each registered method in bfloat16 on the simulated accelerator (and on the GPU where
+    there is one): two stages with a real Trainer step through its hooks, its checkpoint saved
+    and loaded, its evaluation model's logits through its generation hook. A tensor made on the
+    CPU that meets the model fails."""
+    device_name = "cuda" if where == "cuda" else "cpu"
+    with placed(where, monkeypatch) as device:
+        method = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16",
+                              device_name)
+        model = two_stages(method, train=True)
+        assert eval_logits(method, model, sample_prompts(method)).isfinite().all()
+        method.save(model, tmp_path / "checkpoint")
+        fresh = build_method(name, tiny_llava, ucit_root, tiny_clip, tmp_path, "bf16",
+                             device_name)
+        fresh.plan([fresh.context.suite.task(task) for task in TASKS])
+        loaded = fresh.load(tmp_path / "checkpoint")
+        assert eval_logits(fresh, loaded, sample_prompts(fresh)).isfinite().all()
+        frozen = loaded.get_input_embeddings().weight
+        assert frozen.device == device and frozen.dtype == torch.bfloat16

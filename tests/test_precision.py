@@ -41,19 +41,20 @@ def stage(index: int = 1) -> Stage:
     return Stage(index, (get_suite("ucit").task("ImageNet-R"),))
 
 
-def small_lora(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+def small_lora(model: torch.nn.Module, seed: int,
+               adapter: str = "default") -> dict[str, torch.Tensor]:
     """Set each LoRA so that scaling * B @ A is RELATIVE times its weight's norm; returns the
     updates by module name (PEFT prefix off)."""
     gen = torch.Generator().manual_seed(seed)
     expected = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            if not hasattr(module, "lora_A") or adapter not in module.lora_A:
                 continue
-            A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+            A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             A.copy_(torch.randn(A.shape, generator=gen))
             B.copy_(torch.randn(B.shape, generator=gen))
-            update = module.scaling["default"] * (B @ A)
+            update = module.scaling[adapter] * (B @ A)
             scale = RELATIVE * module.base_layer.weight.float().norm() / update.norm()
             B.mul_(scale)
             expected[name.removeprefix("base_model.model.")] = update * scale
@@ -95,8 +96,8 @@ def test_small_updates_shift_bfloat16_outputs_beside_the_weight_not_merged(tiny_
     assert relative_error(merged.weight.float() - weight.float(), update) > 0.5
     assert abs(output_shift(merged, weight, update) - 1) > 0.3
     beside = UpdatedLinear(linear)
-    beside.add(update)
-    assert relative_error(applied_update(beside, weight), update) < 1e-6
+    beside.add(update)  # a full matrix: held in bfloat16, rounded to 2^-9 of itself at most
+    assert relative_error(applied_update(beside, weight), update) < 2**-8
     assert abs(output_shift(beside, weight, update) - 1) < 0.05
 
 
@@ -104,6 +105,7 @@ def test_small_updates_shift_bfloat16_outputs_beside_the_weight_not_merged(tiny_
     ("finetune", {}, lambda u: u),
     ("llava_c", {"uir": "none", "consolidation": "modelmix", "alpha": 0.2}, lambda u: 0.2 * u),
     ("llava_c", {"uir": "none", "consolidation": "none"}, lambda u: u),
+    ("sefe", {"asd": False}, lambda u: u),
 ])
 def test_a_small_update_survives_a_stage_and_its_checkpoint_in_bfloat16(
     tiny_llava, ucit_root, tmp_path, name, options, mix
@@ -184,3 +186,78 @@ def test_update_layers_keep_float32_factors_and_refuse_a_wrong_shape(tiny_llava)
     assert torch.allclose(layer.delta(), torch.full(linear.weight.shape, 1.0))
     with pytest.raises(CLBenchError, match="update of shape"):
         layer.add(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("name", ["seq_lora", "olora"])
+def test_a_carried_lora_shifts_bfloat16_outputs_in_full_at_evaluation(
+    tiny_llava, ucit_root, tmp_path, name
+) -> None:
+    """Methods that keep their LoRAs unmerged evaluate them beside the weights: PEFT's layer
+    adds the LoRA to its already rounded bfloat16 output and loses most of a 1e-4 update."""
+    method = method_on(name, tiny_llava, ucit_root, tmp_path, "bf16")
+    model = method.before_stage(method.context.bundle.model, stage())
+    expected = small_lora(model, seed=4, adapter="stage_1" if name == "olora" else "default")
+    lora_name, update = next(iter(expected.items()))
+    peft_layer = model.get_submodule("base_model.model." + lora_name)
+    weight = peft_layer.get_base_layer().weight.detach().clone()
+    assert abs(output_shift(peft_layer, weight, update) - 1) > 0.3
+    evaluated = method.eval_model(method.after_stage(model, stage()))
+    unchanged = isinstance(evaluated, type(model))  # still the PEFT model
+    layer = evaluated.get_submodule(("base_model.model." if unchanged else "") + lora_name)
+    assert abs(output_shift(layer, weight, update) - 1) < 0.05
+
+
+def test_a_moelora_update_shifts_bfloat16_outputs_in_full() -> None:
+    """One expert (gate 1): the layer adds scaling * B A x before its single rounding."""
+    from methods.moelora import MoELoRALinear
+
+    gen = torch.Generator().manual_seed(2)
+    base = torch.nn.Linear(64, 48, bias=False, dtype=torch.bfloat16)
+    layer = MoELoRALinear(base, experts=1, rank=4, scaling=2.0, dropout=0.0)
+    with torch.no_grad():
+        layer.B.copy_(torch.randn(layer.B.shape, generator=gen))
+        update = 2.0 * layer.B @ layer.A
+        layer.B.mul_(RELATIVE * base.weight.float().norm() / update.norm())
+        update = 2.0 * layer.B @ layer.A
+    assert abs(output_shift(layer, base.weight.detach(), update) - 1) < 0.05
+
+
+def test_model_tailor_keeps_its_patch_beside_bfloat16_weights(tiny_llava, ucit_root,
+                                                              tmp_path) -> None:
+    """The tailored patch of a 1e-4 update: the bfloat16 weights are untouched and the kept
+    entries (compensation none: the update's own) are applied in full, in float32."""
+    method = method_on("model_tailor", tiny_llava, ucit_root, tmp_path, "bf16",
+                       calibration_samples=2, calibration_batch=2, compensation="none")
+    start = {n: p.detach().clone() for n, p in method.context.bundle.model.named_parameters()}
+    model = method.before_stage(method.context.bundle.model, stage())
+    expected = small_lora(model, seed=5)
+    model = method.after_stage(model, stage())
+    for name, update in expected.items():
+        layer = model.get_submodule(name)
+        assert torch.equal(layer.weight, start[f"{name}.weight"])
+        patch = layer.delta()
+        kept = patch != 0
+        assert 0.05 < kept.float().mean() <= 0.1 + 1e-9
+        # the dense patch is held in bfloat16: rounded to 2^-9 of each entry at most
+        assert relative_error(patch[kept], update[kept]) < 2**-8
+
+
+def test_the_float32_output_matmul_trains() -> None:
+    """``mm(..., out_dtype=float32)`` (CUDA's single-rounding path, run here on the meta device)
+    has no derivative, so a layer with updates beside its weights could not train through it;
+    Float32Output gives ``grad W`` with respect to the input, in the weight's dtype."""
+    from cl_bench.models.updates import Float32Output
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(RuntimeError, match="derivative for aten::mm is not implemented"):
+        torch.mm(x, w.T, out_dtype=torch.float32).sum().backward()
+    out = Float32Output.apply(x, w)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    grad, weight = torch.randn(4, 6, generator=gen), torch.randn(6, 8, generator=gen)
+    cpu_x = torch.randn(4, 8, generator=gen, requires_grad=True)
+    torch.nn.functional.linear(cpu_x, weight).backward(grad)  # the reference gradient
+    saved = type("Saved", (), {"saved_tensors": (weight,)})()
+    assert torch.allclose(Float32Output.backward(saved, grad)[0], cpu_x.grad)

@@ -42,12 +42,13 @@ def fingerprint(folder: Path) -> str:
 
 
 def trained_names(model: torch.nn.Module) -> set[str]:
-    """The trainable parameters that are neither LoRA factors nor expert-LoRA adapters (which
-    their methods save themselves): the projector, PEFT prefix off."""
-    adapters = {id(p) for layer in expert_layers(model).values()
-                for p in layer.adapter_parameters()}
+    """The trainable parameters that are not LoRA factors (the projector), PEFT prefix off.
+    Parameters of modules a method saves itself (a class attribute ``saved_by_method``, e.g.
+    prompt pools or adapters it removes from the model before saving) are not among them."""
+    owned = tuple(f"{name}." for name, module in model.named_modules()
+                  if getattr(module, "saved_by_method", False))
     return {strip_prefix(n) for n, p in model.named_parameters()
-            if p.requires_grad and "lora_" not in n and id(p) not in adapters}
+            if p.requires_grad and "lora_" not in n and not n.startswith(owned)}
 
 
 def save_model_state(model: torch.nn.Module, folder: Path, base: Path,

@@ -17,6 +17,7 @@ from cl_bench.config import LoraSettings
 from cl_bench.errors import CLBenchError
 from cl_bench.models.backbones import backbone_of
 from cl_bench.models.deltas import PEFT_PREFIX, LoraFactors, stage_delta
+from cl_bench.models.placement import compute_dtype, is_low_precision
 from cl_bench.models.sharing import shallow_copy
 from cl_bench.models.updates import add_update
 
@@ -120,6 +121,29 @@ def without_lora(model: torch.nn.Module) -> torch.nn.Module:
     for name, module in list(plain.named_modules()):
         if isinstance(module, LoraLayer):
             plain.set_submodule(name, module.get_base_layer())
+    return plain
+
+
+def lora_beside(model: torch.nn.Module) -> torch.nn.Module:
+    """For evaluation: a PEFT model's active LoRAs as float32 factors beside its low-precision
+    weights (``UpdatedLinear``, on a plain copy sharing every weight), added before the layer's
+    single rounding. PEFT adds a LoRA's output to the already rounded output of the layer, which
+    rounds a small update away as merging it would. Float32 models are returned as they are."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel) or not is_low_precision(compute_dtype(model)):
+        return model
+    plain = shallow_copy(model.get_base_model())
+    for name, module in list(plain.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        plain.set_submodule(name, module.get_base_layer())
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                add_update(plain, name, LoraFactors(module.lora_B[adapter].weight.detach(),
+                                                    module.lora_A[adapter].weight.detach(),
+                                                    float(module.scaling[adapter])))
     return plain
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from cl_bench.errors import CLBenchError
 from cl_bench.models.lora import language_model_linears
 from cl_bench.models.sharing import shallow_copy
+from cl_bench.models.updates import linear_float32
 
 BASE = "base."
 
@@ -29,6 +30,8 @@ BASE = "base."
 class ExpertLoRALinear(torch.nn.Module):
     """``base(x)`` plus E LoRA experts of rank r/E (A ~ N(0, 0.01), B = 0, as CoIN's MoELoRA);
     subclasses implement ``forward`` with ``expert_inputs`` and ``expert_outputs``."""
+
+    saved_by_method = True  # by save_expert_layers, not in the model state of a checkpoint
 
     def __init__(self, base: torch.nn.Linear, experts: int, rank: int, scaling: float,
                  dropout: float) -> None:
@@ -80,9 +83,12 @@ class MoELoRALinear(ExpertLoRALinear):
         return torch.softmax(x.float() @ self.router.T, dim=-1)  # CoIN MoELoRA router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        """Base and experts summed in float32 and rounded once to the base's dtype (added to
+        an already rounded low-precision output, a small update would round away)."""
+        out = linear_float32(self.base, x)
         h = self.expert_inputs(x) * self.gates(x).unsqueeze(-1)  # CoIN: g_e(x) A_e x
-        return out + self.expert_outputs(h).to(out.dtype)  # CoIN: sum_e g_e B_e A_e x
+        out = out + self.expert_outputs(h)  # CoIN: sum_e g_e B_e A_e x
+        return out.to(self.base.weight.dtype)
 
 
 def wrap_linears(

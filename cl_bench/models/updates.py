@@ -10,6 +10,10 @@ layer (its LoRA, merged or consolidated) is added to that layer as float32 low-r
   where LLaVA-c's SAC and ModelMix at alpha 0.2 land, most of dW is lost. Adding the update to
   the already rounded bfloat16 output would lose it the same way, hence the single rounding
   (on CUDA ``torch.mm(..., out_dtype=float32)``: bfloat16 inputs, float32 accumulator kept).
+- a full-matrix update (Model Tailor's patch) beside low-precision weights is one dense sum
+  held in the weights' dtype: its rounding is relative to the update (2^-9 of each entry at
+  most), not to the weight, and it costs a low-precision matmul, where a float32 one would be
+  several times slower than the layer itself on a GPU and twice its memory.
 - weights in float32: the factors' product is added to the weight (float32 keeps such an update
   to ~1e-7 relative precision) and the factors are kept for the checkpoint, which replays them in
   order, giving bit-identical weights.
@@ -35,14 +39,29 @@ from cl_bench.models.placement import is_low_precision
 Update = LoraFactors | torch.Tensor
 
 
+class Float32Output(torch.autograd.Function):
+    """``x W^T`` of low-precision ``x`` and frozen ``W`` with a float32 result
+    (``torch.mm(..., out_dtype=float32)``, which has no derivative of its own), and its gradient
+    with respect to ``x`` (``grad @ W`` in ``W``'s dtype), so that training runs through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.mm(x, weight.T, out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad.to(weight.dtype) @ weight, None
+
+
 def float32_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x W^T + b`` accumulated and returned in float32, so that what is added to it is
-    rounded once with it. Low-precision weights are never copied to float32 on CUDA."""
-    if x.is_cuda and is_low_precision(weight.dtype):
+    rounded once with it. Frozen low-precision weights are never copied to float32 on CUDA."""
+    if x.is_cuda and is_low_precision(weight.dtype) and not weight.requires_grad:
         try:
-            flat = torch.mm(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight.T,
-                            out_dtype=torch.float32)
+            flat = Float32Output.apply(x.reshape(-1, x.shape[-1]).to(weight.dtype), weight)
             out = flat.view(*x.shape[:-1], weight.shape[0])
             return out if bias is None else out + bias.float()
         except (TypeError, RuntimeError):  # a torch without mm(..., out_dtype=)
@@ -62,8 +81,8 @@ class UpdatedLinear(torch.nn.Linear):
     """A linear layer with the consolidated updates of past stages. Shares weight and bias with
     the layer it replaces. Low-precision weights: float32 factors ``update_B`` (out x R) and
     ``update_A`` (R x in), R the sum of the stages' ranks, applied beside the weight, and a
-    float32 dense remainder for updates given as full matrices. Float32 weights: each update is
-    merged, and kept as given (``history``) for the checkpoint."""
+    dense remainder in the weight's dtype for updates given as full matrices. Float32 weights:
+    each update is merged, and kept as given (``history``) for the checkpoint."""
 
     def __init__(self, base: torch.nn.Linear) -> None:
         torch.nn.Module.__init__(self)
@@ -92,7 +111,7 @@ class UpdatedLinear(torch.nn.Linear):
         xf = x.float()
         out = out + (xf @ self.update_A.T) @ self.update_B.T
         if self.update_dense is not None:
-            out = out + F.linear(xf, self.update_dense)
+            out = out + float32_linear(x, self.update_dense, None)
         return out
 
     @torch.no_grad()
@@ -116,9 +135,11 @@ class UpdatedLinear(torch.nn.Linear):
         elif rank:
             self.update_B = torch.cat([self.update_B, update.scaling * update.B.float()], dim=1)
             self.update_A = torch.cat([self.update_A, update.A.float()], dim=0)
-        else:
+        else:  # summed in float32, held in the weight's dtype (module docstring)
             dense = update.float()
-            self.update_dense = dense if self.update_dense is None else self.update_dense + dense
+            if self.update_dense is not None:
+                dense = dense + self.update_dense.float()
+            self.update_dense = dense.to(self.weight.dtype)
 
     @torch.no_grad()
     def truncate(self, stages: int, weight: torch.Tensor | None = None) -> None:
@@ -139,7 +160,7 @@ class UpdatedLinear(torch.nn.Linear):
     def delta(self) -> torch.Tensor:
         """The float32 sum of every update beside the weight (export and tests)."""
         total = self.update_B @ self.update_A
-        return total if self.update_dense is None else total + self.update_dense
+        return total if self.update_dense is None else total + self.update_dense.float()
 
     def stage_updates(self) -> list[Update]:
         """Each stage's update, in order, as :meth:`add` replays it exactly. Beside the weight,
@@ -212,6 +233,14 @@ def apply_delta(
                                "parameters that train must be float32 (placement.keep_float32)")
         start = base[name] if base is not None else param.detach().clone()
         param.copy_(start.to(param.device) + consolidate(update).to(param.device, param.dtype))
+
+
+def effective_weight(layer: torch.nn.Linear) -> torch.Tensor:
+    """The float32 weight a linear layer applies: its weight and the updates beside it."""
+    weight = layer.weight.detach().float()
+    if isinstance(layer, UpdatedLinear) and not layer.merged and layer.ranks:
+        weight = weight + layer.delta().to(weight.device)
+    return weight
 
 
 def updated_layers(model: torch.nn.Module) -> dict[str, UpdatedLinear]:

@@ -69,6 +69,8 @@ class TaskPrompts(torch.nn.Module):
     prompt (last); in evaluation mode the top_k prompts nearest the sample among all tasks.
     """
 
+    saved_by_method = True  # the checkpoint's PROMPTS_FILE, not the model state
+
     def __init__(self, hidden: int, feature_dim: int, top_k: int, image_weight: float) -> None:
         super().__init__()
         self.hidden, self.feature_dim = hidden, feature_dim

@@ -13,6 +13,7 @@ import torch
 from cl_bench.errors import CLBenchError
 from cl_bench.models.batching import ConversationDataset, collate_batch
 from cl_bench.models.llava import ModelBundle
+from cl_bench.models.placement import to_model
 from tasks.loaders import Sample
 
 
@@ -62,13 +63,10 @@ def layer_hessians(
 
     handles = [t.register_forward_pre_hook(accumulate(n)) for n, t in targets.items()]
     handles.append(layer.register_forward_hook(stop))
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     try:
         for batch in batches:
             mask["m"] = batch["attention_mask"]
-            inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device)
-                      for k, v in batch.items()}
+            inputs = to_model(batch, model)
             with contextlib.suppress(_LayerDone):
                 model(**inputs)
             tokens += int(batch["attention_mask"].sum())

@@ -20,7 +20,8 @@ import torch
 from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.backbones import backbone_of
-from cl_bench.models.lora import merge_lora, projector_weights, set_projector_weights
+from cl_bench.models.lora import projector_weights, set_projector_weights
+from cl_bench.models.updates import add_update, effective_weight
 from cl_bench.registry import register_method
 from methods.model_tailor.calibration import calibration_batches, layer_hessians
 from methods.model_tailor.tailoring import COMPENSATIONS, tailor_weight
@@ -98,7 +99,8 @@ class ModelTailor(Method):
         return model
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
-        """Tailor every adapted weight, bottom layer first; revert the projector; merge."""
+        """Tailor every adapted weight, bottom layer first (each patch in effect before the
+        next layer's calibration); revert the projector; return the plain model."""
         o, cfg = self.options, self.context.config
         model.eval()
         batches = calibration_batches(self.context.bundle, self.training_samples(stage),
@@ -111,21 +113,29 @@ class ModelTailor(Method):
                 continue
             hessians = layer_hessians(model, layer, targets, batches)
             for name, module in targets.items():
-                before = module.base_layer.weight
-                adapter = module.active_adapters[0]
-                B, A = module.lora_B[adapter].weight, module.lora_A[adapter].weight
-                tuned = before.float() + module.scaling[adapter] * (B.float() @ A.float())
-                tailored = tailor_weight(tuned, before, hessians[name], o.sparsity,
-                                         o.salience_weight, o.blocksize, o.damp, o.compensation)
-                kept += int((tailored != before.float()).sum())
-                total += before.numel()
+                patch = self.tailored_patch(module, hessians[name])
+                kept += int((patch != 0).sum())
+                total += patch.numel()
+                add_update(module, "base_layer", patch)
                 with torch.no_grad():
-                    before.copy_(tailored.to(before.dtype))
-                    B.zero_()  # the tailored update now lives in the base weight
+                    module.lora_B[module.active_adapters[0]].weight.zero_()  # now in the patch
         if o.revert_projector:
             set_projector_weights(model, self.projector_before)
         self.patch_share = kept / total if total else None
-        return merge_lora(model)
+        return model.unload()
+
+    def tailored_patch(self, module: torch.nn.Module, hessian: torch.Tensor) -> torch.Tensor:
+        """The tailored weight minus the weight before the stage (float32, zero where an entry
+        reverts): the stage's update, added beside low-precision weights, not rounded into them
+        (``cl_bench.models.updates``)."""
+        o = self.options
+        before = effective_weight(module.base_layer)
+        adapter = module.active_adapters[0]
+        B, A = module.lora_B[adapter].weight, module.lora_A[adapter].weight
+        tuned = before + module.scaling[adapter] * (B.detach().float() @ A.detach().float())
+        tailored = tailor_weight(tuned, before, hessian, o.sparsity, o.salience_weight,
+                                 o.blocksize, o.damp, o.compensation)
+        return tailored - before
 
     def after_evaluation(self, stage: Stage) -> dict:
         """The share of adapted-weight entries the stage changed (the patch, compensated)."""
