@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import strip_prefix
-from cl_bench.models.moe_lora import expert_layers
 from cl_bench.models.updates import load_updates_state, updates_state
 
 MODEL_FILE = "model.safetensors"
