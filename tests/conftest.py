@@ -79,3 +79,11 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ucit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ucit_fixture(tmp_path_factory.mktemp("ucit"))
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small preset's world and base (built once per session, in under a minute idle)."""
+    from tasks.micro.base import SMALL, micro_base_folder
+
+    return micro_base_folder(tmp_path_factory.mktemp("micro-cache"), build=SMALL)
