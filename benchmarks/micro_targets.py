@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cl_bench.config import resolve
 from cl_bench.registry import get_suite
-from cl_bench.runner import run
+from cl_bench.running.runner import run
 
 SUITE = "ucit-micro"
 

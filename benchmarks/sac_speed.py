@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from cl_bench.consolidation import (  # noqa: E402
+from methods.llava_c.consolidation import (  # noqa: E402
     apply_sac,
     lora_spectrum,
     sac_delta,

@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cl_bench.errors import CLBenchError
+
+if TYPE_CHECKING:
+    from cl_bench.running.grid import Grid
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
@@ -26,20 +30,37 @@ def command(name: str) -> Callable:
 def cmd_list(args: argparse.Namespace) -> None:
     from cl_bench.registry import index_methods, load_suites
 
+    if args.markdown:
+        from cl_bench.method_table import methods_markdown
+
+        print(methods_markdown(), end="")
+        return
     print("Suites (default order; letters for --order):")
     for suite in load_suites():
         order = " -> ".join(f"{t.name} [{t.letter}]" for t in suite.tasks)
         print(f"  {suite.name}: {suite.description}\n      {order}")
     print("Methods:")
     for entry in sorted(index_methods().values(), key=lambda e: e.name):
-        print(f"  {entry.name}: {entry.summary}")
+        print(f"  {entry.label}: {entry.summary}")
+        if entry.base is None:
+            print(f"      paper: {entry.capabilities.paper}")
+            print(f"      {capability_line(entry.capabilities)}")
+
+
+def capability_line(caps) -> str:
+    """One line of a method's declared capabilities for ``clbench list``."""
+    routing = "routes per sample" if caps.routes else "one model for every input"
+    task_id = "needs the task id at test" if caps.task_id else "no task id at test"
+    return (f"trains: {caps.trains}; per task: {caps.growth}; {routing}; {task_id}; "
+            f"launchers: {', '.join(caps.launchers)}")
 
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> None:
     from cl_bench import config
     from cl_bench.registry import get_suite
-    from cl_bench.runner import run
+    from cl_bench.running import grid
+    from cl_bench.running.runner import run
 
     def suite_defaults(name: str) -> dict:
         return get_suite(name).defaults
@@ -48,17 +69,40 @@ def cmd_run(args: argparse.Namespace) -> None:
         "method": args.method, "suite": args.suite, "order": args.order, "out": args.out,
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
+        "report_to": args.report_to,
+        "model.device": args.device,
     }
     if args.resume:
         if not args.out:
             raise CLBenchError("--resume needs --out RUN_DIR (the run folder to continue)")
+        if (Path(args.out) / "grid.json").exists():
+            return run_grid_command(grid.Grid.reopen(Path(args.out)))
         cfg = config.RunConfig(out=args.out)
     else:
         overrides = list(args.set)
         if args.limit is not None:
             overrides += [f"train.limit={args.limit}", f"eval.limit={args.limit}"]
+        methods = grid.parse_methods(args.method)
+        if args.seeds is not None or len(methods) > 1:
+            fields["method"] = methods[0]
+            template = config.resolve(args.config, overrides, suite_defaults, **fields)
+            seeds = grid.parse_seeds(args.seeds) if args.seeds else [template.seed]
+            out = Path(args.out or f"runs/{template.suite}-grid")
+            return run_grid_command(grid.Grid.create(template, methods, seeds, out))
         cfg = config.resolve(args.config, overrides, suite_defaults, **fields)
     print(run(cfg, resume=args.resume))
+
+
+def run_grid_command(spec: Grid) -> None:
+    """Run a grid; print how each run ended; an error (exit 2) if any failed."""
+    from cl_bench.running.grid import outcome_table, run_grid
+
+    outcomes = run_grid(spec)
+    print(outcome_table(spec, outcomes))
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if failed:
+        raise CLBenchError(f"{len(failed)} of {len(outcomes)} grid run(s) failed: "
+                           f"{', '.join(failed)} (errors above and in {spec.out / 'grid.json'})")
 
 
 def general_option(value: str | None) -> str | None:
@@ -75,23 +119,48 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(write_report(args.run_dir))
 
 
+@command("leaderboard")
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from reports.publish import leaderboard
+
+    text = leaderboard(args.dirs, args.format, args.per_task, args.figures)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(args.out)
+    else:
+        print(text, end="")
+
+
 @command("sweep-alpha")
 def cmd_sweep_alpha(args: argparse.Namespace) -> None:
-    from cl_bench.sweep import parse_alphas, sweep_alpha
+    from cl_bench.analysis.sweep import parse_alphas, sweep_alpha
 
-    print(sweep_alpha(args.run_dir, args.stage, parse_alphas(args.alphas), args.consolidation))
+    overrides = method_sets(args.set)
+    if args.consolidation:
+        overrides["consolidation"] = args.consolidation
+    print(sweep_alpha(args.run_dir, args.stage, parse_alphas(args.alphas), overrides))
+
+
+def method_sets(items: list[str]) -> dict[str, str]:
+    """``--set method.KEY=VALUE`` items as method options (values converted by the method)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("method."):
+            raise CLBenchError(f"--set {item!r}: expected method.KEY=VALUE")
+        options[key.removeprefix("method.")] = value
+    return options
 
 
 @command("analyze")
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from cl_bench.analyze import ANALYSES
-
-    print(ANALYSES[args.kind](args))
+    print(args.handler(args))
 
 
 @command("base")
 def cmd_base(args: argparse.Namespace) -> None:
-    from cl_bench.runner import cache_dir
+    from cl_bench.running.runner import cache_dir
     from tasks.micro.base import micro_base_model
 
     print(micro_base_model(cache_dir(), force=args.force))
@@ -110,12 +179,13 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     from cl_bench.config import RunConfig
     from cl_bench.registry import get_suite
-    from cl_bench.runner import resolve_data_root
+    from cl_bench.running.runner import cache_dir, resolve_data_root
     from tasks.data_check import check_suite_data
 
     suite = get_suite(args.suite or RunConfig().suite)
     root = resolve_data_root(suite, RunConfig(suite=suite.name, data_root=args.data_root))
-    report = check_suite_data(suite, root, suite.resolve_order(args.order))
+    cache = None if args.no_cache else cache_dir() / "verified-images"
+    report = check_suite_data(suite, root, suite.resolve_order(args.order), args.fast, cache)
     print(report.table())
     if not report.ok:
         raise CLBenchError(f"data check failed: {report.problem_count()} problem(s), listed above")
@@ -124,38 +194,65 @@ def cmd_data(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list suites (with tasks and order) and methods")
+    listing = sub.add_parser("list", help="list suites (with tasks and order) and methods")
+    listing.add_argument("--markdown", action="store_true", help="print docs/methods.md: every "
+                         "method's paper, capabilities, variants and options (imports them)")
 
     run = sub.add_parser("run", help="run a method on a suite, stage by stage")
-    run.add_argument("--method", help="method name (clbench list)")
+    run.add_argument("--method", help="method name (clbench list); several, comma-separated, "
+                     "run a grid")
+    run.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): run a grid of every "
+                     "method x seed, one run folder each under --out")
     run.add_argument("--suite", help="suite name (default ucit-micro)")
     run.add_argument("--order", help="task order: letters (e.g. RAVICF) or comma-separated names")
-    run.add_argument("--out", help="run folder (default runs/<suite>-<method>-seed<N>)")
+    run.add_argument("--out", help="run folder (default runs/<suite>-<method>-seed<N>), or a "
+                     "grid's folder (default runs/<suite>-grid)")
     run.add_argument("--seed", type=int)
     run.add_argument("--model", help="local Hugging Face LLaVA folder to start from")
+    run.add_argument("--device", help="auto (default: cuda:LOCAL_RANK when there is a GPU), "
+                     "cpu, cuda or cuda:N")
     run.add_argument("--data-root", help="folder holding the suite's data")
     run.add_argument("--config", type=Path, help="YAML config file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. train.learning_rate=1e-4, method.alpha=0.3")
     run.add_argument("--general", help="general benchmarks after each stage (lmms-eval task "
                      "names, comma-separated; default: the suite's own; 'none' for none)")
+    run.add_argument("--report-to", help="experiment trackers, comma-separated: tensorboard, "
+                     "wandb (default none; wandb follows WANDB_MODE, e.g. offline)")
     run.add_argument("--limit", type=int, help="at most N train and N test samples per task")
     run.add_argument("--quick", action="store_true", help="a smoke run: few samples, few steps")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run (or grid) in --out")
 
     report = sub.add_parser("report", help="rebuild report.md of a run folder")
     report.add_argument("run_dir", type=Path)
 
-    sweep = sub.add_parser("sweep-alpha", help="re-consolidate a stage of a llava_c-family run "
+    board = sub.add_parser("leaderboard", help="compare runs: one table per suite and setting, "
+                           "mean +- std over seeds")
+    board.add_argument("dirs", type=Path, nargs="+", help="run folders, grid folders, or "
+                       "folders holding runs")
+    board.add_argument("--format", choices=["md", "csv", "latex", "html"], default="md")
+    board.add_argument("--per-task", action="store_true",
+                       help="the final score of every task (instead of the CL metrics)")
+    board.add_argument("--out", type=Path, help="write to this file instead of printing")
+    board.add_argument("--figures", type=Path,
+                       help="also save the comparison figures (PNG and PDF) in this folder")
+
+    sweep = sub.add_parser("sweep-alpha", help="re-consolidate a stage of a run (llava_c, "
+                           "modelmix: methods that consolidate stored updates) "
                            "for many alphas and re-evaluate, without retraining")
     sweep.add_argument("run_dir", type=Path)
     sweep.add_argument("--stage", type=int, required=True, help="the stage to re-consolidate")
     sweep.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a list (0,0.2)")
-    sweep.add_argument("--consolidation", choices=["sac", "modelmix"], default="sac")
+    sweep.add_argument("--consolidation", help="the swept stage's method.consolidation (e.g. "
+                       "sac, modelmix; default: the run's)")
+    sweep.add_argument("--set", action="append", default=[], metavar="method.KEY=VALUE",
+                       help="another method option for the swept stage")
 
-    from cl_bench.analyze import add_analysis_parsers
+    from cl_bench.analysis.commands import add_analysis_parsers
 
-    analyze = sub.add_parser("analyze", help="analyses of models and runs (cka, layouts)")
+    analyze = sub.add_parser("analyze", help="analyses of models and runs (cka, and those the "
+                             "methods offer, e.g. layouts)")
     add_analysis_parsers(analyze.add_subparsers(dest="kind", required=True))
 
     data = sub.add_parser("data", help="check a suite's data folder (check), or split "
@@ -164,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--suite", help="suite name (default ucit-micro)")
     data.add_argument("--data-root", help="the suite's data folder (default CLBENCH_DATA_ROOT)")
     data.add_argument("--order", help="check only these tasks: letters or comma-separated names")
+    data.add_argument("--fast", action="store_true",
+                      help="check: only look images up instead of opening and decoding them")
+    data.add_argument("--no-cache", action="store_true",
+                      help="check: decode every image, even those verified before unchanged")
     data.add_argument("--source", help="split665k: the mix file (default "
                       "<data-root>/llava_v1_5_mix665k.json)")
     data.add_argument("--probe-size", type=int, default=500,

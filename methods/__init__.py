@@ -1,1 +1,1 @@
-"""Continual learning methods, one module each."""
+"""Continual learning methods: one module, or one package, per method."""

@@ -5,7 +5,11 @@ from cl_bench.registry import register_method
 from tasks.suite import TaskSpec
 
 
-@register_method("multitask")
+@register_method(
+    "multitask",
+    paper="the joint-training upper bound of both papers",
+    trains="one LoRA on the language model + the projector, on every task at once",
+)
 class MultiTask(Method):
     """One LoRA stage on the union of all tasks' training data, evaluated once."""
 

@@ -5,7 +5,11 @@ from cl_bench.registry import register_method
 from tasks.suite import TaskSpec
 
 
-@register_method("zeroshot")
+@register_method(
+    "zeroshot",
+    paper="the zero-shot lower bound of both papers",
+    trains="nothing",
+)
 class ZeroShot(Method):
     """The starting model evaluated on every task without training (row 0 only)."""
 

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from reports.style import pyplot, save, series
+
+MEAN_STYLE = {"color": "0.55", "linestyle": "-", "linewidth": 3.5, "marker": "none", "zorder": 0}
+
 
 def flatten_rows(rows: list[dict], tasks: list[str]) -> pd.DataFrame:
     """One row per alpha: task scores, their mean, and ``<benchmark>/<metric>`` columns."""
@@ -20,27 +24,25 @@ def flatten_rows(rows: list[dict], tasks: list[str]) -> pd.DataFrame:
     return pd.DataFrame(flat)
 
 
-def plot_alpha_curves(frame: pd.DataFrame, tasks: list[str], path: Path) -> Path:
-    """Task scores (and general scores, if any) against alpha, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_alpha_curves(frame: pd.DataFrame, tasks: list[str], path: Path, title: str) -> Path:
+    """Task scores (and general scores, if any) against alpha: ``path`` (PNG) and a PDF beside."""
+    plt = pyplot()
     general = [c for c in frame.columns if "/" in c and frame[c].notna().any()]
-    fig, axes = plt.subplots(1, 2 if general else 1, figsize=(11 if general else 6, 4))
-    axes = axes if general else [axes]
-    for task in [*tasks, "task_mean"]:
-        axes[0].plot(frame["alpha"], frame[task], marker="o", label=task,
-                     linewidth=2.5 if task == "task_mean" else 1.2)
-    axes[0].set(xlabel="alpha", ylabel="score", title="tasks")
-    axes[0].legend(fontsize=7)
-    for column in general:
-        axes[1].plot(frame["alpha"], frame[column], marker="o", label=column)
+    fig, axes = plt.subplots(1, 2 if general else 1, squeeze=False,
+                             figsize=(11 if general else 6.5, 4), layout="constrained")
+    left = axes[0][0]
+    for i, task in enumerate([*tasks, "task_mean"]):
+        style = series(i) | (MEAN_STYLE if task == "task_mean" else {})
+        left.plot(frame["alpha"], frame[task], label="mean of tasks" if task == "task_mean"
+                  else task, **style)
+    left.set(xlabel="mix ratio alpha", ylabel="score (%)", title="tasks")
+    left.legend()
     if general:
-        axes[1].set(xlabel="alpha", ylabel="score", title="general")
-        axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        right = axes[0][1]
+        for i, column in enumerate(general):
+            right.plot(frame["alpha"], frame[column], label=column, **series(i))
+        right.set(xlabel="mix ratio alpha", ylabel="score", title="general benchmarks")
+        right.legend()
+    fig.suptitle(title)
+    save(fig, path.with_suffix(""))
     return path

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
+from transformers import AutoTokenizer
 
-from tasks.micro.model import TinyConfig, build_llava, llava_processor, save_llava, train_tokenizer
+from tasks.micro.model import (
+    TinyConfig,
+    build_clip,
+    build_llava,
+    image_processor,
+    llava_processor,
+    save_llava,
+    train_tokenizer,
+)
 from tasks.suites.ucit import UCIT_TASKS
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
@@ -17,6 +28,8 @@ TINY = TinyConfig(
     vision_hidden=32, vision_layers=1, projection_dim=32, text_hidden=64, text_layers=2,
     heads=2, intermediate=128, vocab_size=400,
 )
+CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24,
+                       heads=2)
 
 
 def fixture_answer(task, colour: str, i: int) -> tuple[str, str]:
@@ -87,3 +100,50 @@ def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tasks.micro.base import SMALL, micro_base_folder
 
     return micro_base_folder(tmp_path_factory.mktemp("micro-cache"), build=SMALL)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CLIP (untrained) on the fixture tokenizer, saved as a local CLIP folder."""
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
+    torch.manual_seed(0)
+    build_clip(CLIP, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor(CLIP).save_pretrained(folder)
+    return folder
+
+
+LLAMA_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: What colour is the square? Answer the question using a single word or phrase. "
+    "ASSISTANT: red green blue",
+    "Answer with the option's letter from the given choices directly. A. red B. green C. blue",
+    "Generate a brief caption for the image. a red square on a black background 3 12 [0.1, 0.25]",
+]
+
+
+def llama_tokenizer(legacy: bool = False, vocab_size: int = 400):
+    """A Llama tokenizer (transformers' LlamaTokenizer: Metaspace, byte fallback, the legacy
+    flag) over a BPE vocabulary trained by SentencePiece here, as llava-1.5's is, with the
+    ``<image>`` token and LLaVA-1.5's pad token (unk)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LLAMA_CORPUS * 20), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    merges = generate_merges(vocab, pieces, skip_tokens={"<unk>", "<s>", "</s>"})
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy,
+                               extra_special_tokens={"image_token": "<image>"})
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

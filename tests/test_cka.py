@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from cl_bench.cka import centered, cka_by_layer, hsic, layer_features, linear_cka
+from cl_bench.analysis.cka import centered, cka_by_layer, hsic, layer_features, linear_cka
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
-from cl_bench.models import load_llava
+from cl_bench.models.llava import load_llava
 from tasks.loaders import load_samples
 
 # Hand-computed example: both matrices have zero column means.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_bench.consolidation import (
+from cl_bench.errors import CLBenchError
+from methods.llava_c.consolidation import (
     apply_sac,
     check_alpha,
     lora_spectrum,
@@ -15,7 +16,6 @@ from cl_bench.consolidation import (
     sac_scale,
     sac_window,
 )
-from cl_bench.errors import CLBenchError
 
 S421 = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from bench_files import write_bench, write_probes
 
-from cl_bench import runner
 from cl_bench.config import RunConfig
-from cl_bench.degradation import summary_general, summary_probes
+from cl_bench.evaluation.degradation import summary_general, summary_probes
+from cl_bench.running import runner
 from tasks.suites.ucit import UCIT_MICRO
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
@@ -50,7 +50,7 @@ def test_run_records_general_and_probes_per_stage(
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.limit = 1, 4, 4
     cfg.eval.limit, cfg.eval.batch_size, cfg.eval.max_new_tokens = 2, 8, 3
     cfg.lora.rank = 2
-    monkeypatch.setattr("cl_bench.degradation.PROBE_TOKENS", 4)
+    monkeypatch.setattr("cl_bench.evaluation.degradation.PROBE_TOKENS", 4)
     run_dir = runner.run(cfg)
 
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]

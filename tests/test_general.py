@@ -19,11 +19,7 @@ from bench_files import write_bench
 
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
-from cl_bench.general import (
-    metric_table,
-    preserved_global_state,
-    resolve_benchmarks,
-)
+from cl_bench.evaluation.general import metric_table, preserved_global_state, resolve_benchmarks
 from tasks.scoring import SCORERS, TaskScore, score_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +87,9 @@ def test_missing_lmms_eval_is_a_clear_error(tmp_path: Path) -> None:
 import sys, types
 sys.modules["lmms_eval"] = None  # as if the extra were not installed
 from cl_bench.config import RunConfig
-from cl_bench.degradation import prepare
+from cl_bench.evaluation.degradation import prepare
 from cl_bench.errors import CLBenchError
-from cl_bench.general import require_lmms_eval
+from cl_bench.evaluation.general import require_lmms_eval
 from tasks.suites.ucit import UCIT_MICRO
 try:
     require_lmms_eval(["mme", "pope"])
@@ -162,9 +158,9 @@ def word_overlap(predictions: dict, references: dict, rule: str) -> TaskScore:
 def test_bridge_scores_equal_harness_scorer_on_tiny_llava(
     tiny_llava: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cl_bench.evaluation import generate_texts
-    from cl_bench.general import evaluate_general
-    from cl_bench.models import load_llava
+    from cl_bench.evaluation.general import evaluate_general
+    from cl_bench.evaluation.generation import generate_texts
+    from cl_bench.models.llava import load_llava
 
     monkeypatch.setitem(SCORERS._items, "caption", word_overlap)
     mme = [(f"Q{i}: Is there a circle? Please answer yes or no.", "Yes" if i % 2 == 0 else "No")
@@ -211,8 +207,8 @@ def test_bridge_scores_equal_harness_scorer_on_tiny_llava(
 def test_bridge_with_scripted_answers_gives_hand_computed_scores(
     tiny_llava: Path, tmp_path: Path
 ) -> None:
-    from cl_bench.general import evaluate_general
-    from cl_bench.models import load_llava
+    from cl_bench.evaluation.general import evaluate_general
+    from cl_bench.models.llava import load_llava
 
     # MME: three pairs; the second pair has one wrong answer -> acc 5/6, acc+ 2/3.
     mme = [(f"M{i}: Is there a circle in the image?", ["Yes", "No"][i % 2]) for i in range(6)]
@@ -247,8 +243,8 @@ def test_bridge_with_scripted_answers_gives_hand_computed_scores(
 
 @needs_lmms
 def test_unknown_benchmark_is_named(tiny_llava: Path, tmp_path: Path) -> None:
-    from cl_bench.general import evaluate_general
-    from cl_bench.models import load_llava
+    from cl_bench.evaluation.general import evaluate_general
+    from cl_bench.models.llava import load_llava
 
     data = write_bench(tmp_path / "data", [("Q?", "Yes")], {"random": [("Q?", "yes")]}, [])
     bundle = load_llava(tiny_llava)

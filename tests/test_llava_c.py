@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cl_bench.analysis.sweep import parse_alphas, sweep_alpha
 from cl_bench.cli import main
-from cl_bench.consolidation import sac_delta
-from cl_bench.deltas import LoraFactors
 from cl_bench.errors import CLBenchError
-from cl_bench.sweep import parse_alphas, sweep_alpha
-from methods.llava_c import consolidator, forward_kl, hidden_distance
+from cl_bench.models.deltas import LoraFactors
+from methods.llava_c.consolidation import sac_delta
+from methods.llava_c.method import consolidator, forward_kl, hidden_distance
 
 
 def test_uir_distances_hand_computed() -> None:
@@ -36,15 +36,16 @@ def test_consolidators_on_lora_factors() -> None:
     gen = torch.Generator().manual_seed(0)
     factors = LoraFactors(torch.randn(12, 3, generator=gen), torch.randn(3, 9, generator=gen), 2.0)
     full = factors.product()
-    assert torch.allclose(consolidator("none", 0.3, "pad")(factors), full)
-    assert torch.allclose(consolidator("modelmix", 0.3, "pad")(factors), 0.3 * full)
-    sac = consolidator("sac", 0.3, "pad")
-    assert torch.allclose(sac(factors), sac_delta(full, 0.3), atol=1e-5)
-    assert torch.allclose(sac(full), sac_delta(full, 0.3))
+    # a LoRA update stays factors (float32) whatever the consolidation
+    assert torch.allclose(consolidator("none", "pad")(factors)(0.3).product(), full)
+    assert torch.allclose(consolidator("modelmix", "pad")(factors)(0.3).product(), 0.3 * full)
+    sac = consolidator("sac", "pad")
+    assert torch.allclose(sac(factors)(0.3).product(), sac_delta(full, 0.3), atol=1e-5)
+    assert torch.allclose(sac(full)(0.3), sac_delta(full, 0.3))
     with pytest.raises(CLBenchError, match="alpha"):
-        consolidator("sac", 1.5, "pad")
+        sac(factors)(1.5)
     with pytest.raises(CLBenchError, match="consolidation"):
-        consolidator("mean", 0.3, "pad")
+        consolidator("mean", "pad")
 
 
 def test_parse_alphas() -> None:
@@ -82,7 +83,7 @@ def test_llava_c_stores_deltas_and_trains_with_uir(llava_c_run: Path) -> None:
 
 
 def test_sweep_at_the_run_alpha_reproduces_the_run(llava_c_run: Path) -> None:
-    csv = sweep_alpha(llava_c_run, 2, [0.5, 0.0], "sac")
+    csv = sweep_alpha(llava_c_run, 2, [0.5, 0.0], {"consolidation": "sac"})
     import pandas as pd
 
     frame = pd.read_csv(csv)
@@ -94,13 +95,13 @@ def test_sweep_at_the_run_alpha_reproduces_the_run(llava_c_run: Path) -> None:
 
 def test_sweep_errors(llava_c_run: Path, tmp_path: Path) -> None:
     with pytest.raises(CLBenchError, match="no stored delta for stage 3"):
-        sweep_alpha(llava_c_run, 3, [0.5], "sac")
+        sweep_alpha(llava_c_run, 3, [0.5])
     with pytest.raises(CLBenchError, match="consolidation"):
-        sweep_alpha(llava_c_run, 2, [0.5], "svd")
+        sweep_alpha(llava_c_run, 2, [0.5], {"consolidation": "svd"})
     finetune_dir = tmp_path / "ft"
     finetune_dir.mkdir()
     config = (llava_c_run / "config.yaml").read_text()
     config = config.replace("method: llava_c", "method: finetune")
     (finetune_dir / "config.yaml").write_text(config)
     with pytest.raises(CLBenchError, match="stores no deltas"):
-        sweep_alpha(finetune_dir, 1, [0.5], "sac")
+        sweep_alpha(finetune_dir, 1, [0.5])

@@ -12,7 +12,7 @@ import torch
 from bench_files import write_probes
 
 from cl_bench.errors import CLBenchError
-from cl_bench.probes import (
+from cl_bench.evaluation.probes import (
     Inquiry,
     format_matcher,
     is_option_letter,
@@ -89,7 +89,7 @@ def test_examples_and_subsets_mix_text_and_image() -> None:
 
 
 def test_run_probes_caches_the_start_and_measures_shift(tiny_llava: Path, tmp_path: Path) -> None:
-    from cl_bench.models import load_llava
+    from cl_bench.models.llava import load_llava
 
     bundle = load_llava(tiny_llava)
     inquiries = load_inquiries(write_probes(tmp_path / "general"))
@@ -118,7 +118,7 @@ def test_run_probes_caches_the_start_and_measures_shift(tiny_llava: Path, tmp_pa
 
 
 def test_start_cache_must_match_the_inquiries(tmp_path: Path) -> None:
-    from cl_bench.probes import load_start
+    from cl_bench.evaluation.probes import load_start
 
     torch.save({"ids": ["a"], "answers": ["x"], "hidden": [torch.zeros(1, 2)]}, tmp_path / "s.pt")
     assert load_start(tmp_path / "s.pt", ["a"]).answers == ["x"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import cl_bench.runner
+import cl_bench.running.runner
 from cl_bench.cli import main
 
 
@@ -44,7 +44,7 @@ def test_run_folder_contract(finished: Path) -> None:
 def test_resume_after_a_crash_gives_the_same_numbers(
     finished: Path, ucit_root: Path, tiny_llava: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    real_stage = cl_bench.runner.run_stage
+    real_stage = cl_bench.running.runner.run_stage
 
     def crash_at_stage_2(method, model, stage, *args, **kwargs):
         if stage.index == 2:
@@ -52,11 +52,11 @@ def test_resume_after_a_crash_gives_the_same_numbers(
         return real_stage(method, model, stage, *args, **kwargs)
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(cl_bench.runner, "run_stage", crash_at_stage_2)
+    monkeypatch.setattr(cl_bench.running.runner, "run_stage", crash_at_stage_2)
     with pytest.raises(KeyboardInterrupt):
         main(quick_argv(ucit_root, tiny_llava, out))
     assert len((out / "records.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(cl_bench.runner, "run_stage", real_stage)
+    monkeypatch.setattr(cl_bench.running.runner, "run_stage", real_stage)
     assert main(["run", "--out", str(out), "--resume"]) == 0
     assert (out / "matrix.csv").read_text() == (finished / "matrix.csv").read_text()
 

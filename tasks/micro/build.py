@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cl_bench.config import TrainConfig
-from cl_bench.models import ModelBundle, load_image, projector, user_prompt
-from cl_bench.training import train_model
+from cl_bench.models.llava import ModelBundle, load_image, user_prompt
+from cl_bench.models.lora import projector
+from cl_bench.running.training import train_model
 from tasks.loaders import Sample, load_samples, read_records
 from tasks.micro.model import (
     TinyConfig,

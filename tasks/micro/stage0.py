@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_bench.config import EvalConfig, resolve
-from cl_bench.evaluation import evaluate_task, generate_answers
-from cl_bench.models import ModelBundle, load_llava
+from cl_bench.evaluation.generation import evaluate_task, generate_answers
+from cl_bench.models.llava import ModelBundle, load_llava
 from cl_bench.registry import get_suite
 from tasks.loaders import load_samples, load_test_samples
 from tasks.scoring import score_task

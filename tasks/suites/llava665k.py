@@ -12,6 +12,7 @@ from cl_bench.registry import SUITES
 from tasks.llava665k import EXPECTED_COUNTS, INQUIRY_FILE, PROBE_RULES, SOURCE_FILE, SPLITS_DIR
 from tasks.micro.mix665k import MIX_DIR, MIX_SOURCES
 from tasks.suite import Suite, TaskSpec
+from tasks.suites.recipe import LLAVA_C_BENCHMARK
 from tasks.suites.ucit import WORD
 
 # The general benchmarks LLaVA-c reports (Table 1): not run by default, since lmms-eval reads them
@@ -44,6 +45,7 @@ LLAVA665K = SUITES.register("llava665k")(
         tasks_dir=SPLITS_DIR,
         image_dir="",
         inquiry_file=INQUIRY_FILE,
+        defaults=LLAVA_C_BENCHMARK,
     )
 )
 

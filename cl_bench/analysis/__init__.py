@@ -1,0 +1,1 @@
+"""Analyses of models and runs: linear CKA, alpha sweeps, and the ``clbench analyze`` command."""

@@ -1,0 +1,1 @@
+"""Evaluation: batched generation, general benchmarks (lmms-eval) and degradation probes."""

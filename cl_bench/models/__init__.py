@@ -1,0 +1,1 @@
+"""Models: loading local LLaVA folders, prompts and batches, LoRA, stage deltas, encoders."""

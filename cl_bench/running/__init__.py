@@ -1,0 +1,1 @@
+"""Running a protocol: the sequential runner, its run folder and training."""

@@ -1,0 +1,1 @@
+"""LLaVA-c (spectral-aware consolidation + unsupervised inquiry regularization) and its family."""
