@@ -103,13 +103,13 @@ def relation_pair(rng: random.Random, size: int) -> Example:
 
 
 CLIP_FAMILIES: dict[str, tuple[float, Pair]] = {
-    "scene": (0.2, scene_pair),
+    "scene": (0.15, scene_pair),
     "icons": (0.15, icons_pair),
     "big_shape": (0.05, big_shape_pair),
-    "object": (0.2, object_pair),
+    "object": (0.3, object_pair),
     "chart": (0.15, chart_pair),
     "photo": (0.1, photo_pair),
-    "relation": (0.15, relation_pair),
+    "relation": (0.1, relation_pair),
 }
 ALIGNMENT_FAMILIES = ("scene", "big_shape", "chart")
 
