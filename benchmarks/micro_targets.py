@@ -6,8 +6,11 @@ own-task scores), runs sequential fine-tuning on all six tasks (timed, with gene
 probes), then prints one line per target with the measured value and PASS/FAIL, and the load
 average of the machine before and after. Writes ``<out>/targets.json``.
 
-    python benchmarks/micro_targets.py --out runs/targets           # everything, ~20 min idle
+    python benchmarks/micro_targets.py --out runs/targets           # the default world and base
     python benchmarks/micro_targets.py --out runs/targets --cache ~/.cache/cl_bench  # reuse a base
+    CLBENCH_MICRO_PRESET=small python benchmarks/micro_targets.py --out runs/smoke  # smoke test
+
+The small preset's numbers say nothing about the targets (12 min on 2 cores at load 11-15).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from cl_bench.config import resolve
 from cl_bench.registry import get_suite
 from cl_bench.running.runner import run
-from tasks.micro.base import micro_base_folder
+from tasks.micro.base import PRESET_VARIABLE, micro_base_folder
 from tasks.micro.fingerprint import REFERENCE, differences, read_record
 
 SUITE = "ucit-micro"
@@ -154,6 +157,8 @@ def main() -> None:
     folder, wall = one_run(args.out / "finetune", args.seed, None, args.set)
     targets += sequence_targets(folder, wall, record)
     load_after = load_average()
+    print(f"base {record['fingerprint']} ({os.environ.get(PRESET_VARIABLE, 'default')} preset), "
+          f"seed {args.seed}, overrides {args.set or 'none'}")
     width = max(len(t.name) for t in targets)
     for t in targets:
         print(f"{'PASS' if t.passed else 'FAIL'}  {t.name:{width}}  {t.measured}")
