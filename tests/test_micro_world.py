@@ -11,7 +11,7 @@ from PIL import Image
 
 from tasks.loaders import load_samples
 from tasks.micro.fingerprint import tree_sha256
-from tasks.micro.general import GENERAL_MIX, OPTION
+from tasks.micro.general import GENERAL_MIX
 from tasks.micro.mix665k import MIX_DIR, MIX_SOURCES
 from tasks.micro.tasks import MICRO_TASKS, generate
 from tasks.micro.world import OBJECTS, MicroWorldConfig
@@ -148,23 +148,14 @@ def test_iconqa_test_uses_index_options_and_train_letters(world: Path) -> None:
     assert all(r["conversations"][1]["value"] in "ABCD" for r in train)
 
 
-def test_general_mix_answers_in_sentences_or_option_letters(world: Path) -> None:
-    """Full sentences, except multiple-choice questions in LLaVA-665k's (and UCIT's) option
-    format; no other task instruction."""
+def test_general_mix_has_no_task_format(world: Path) -> None:
     instructions = {t.instruction for t in UCIT_TASKS}
     records = load(world / "general" / "train.json")
     assert any("image" not in r for r in records) and any("image" in r for r in records)
-    choices = [r for r in records if r["category"] == "multiple_choice"]
-    assert choices
     for r in records:
         human, gpt = (c["value"] for c in r["conversations"])
-        assert ("<image>" in human) == ("image" in r) == ("caption" in r)
-        if r in choices:
-            options = dict(line.split(". ", 1) for line in human.splitlines()[2:6])
-            assert human.endswith(f"\n{OPTION}") and list(options) == list("ABCD")
-            assert gpt in options and len(set(options.values())) == 4
-            continue
         assert not any(i in human for i in instructions)
+        assert ("<image>" in human) == ("image" in r) == ("caption" in r)
         assert gpt.endswith(".") and gpt[0].isupper()  # a full sentence
     for name in ("inquiries", "probes"):
         for r in load(world / "general" / f"{name}.json"):

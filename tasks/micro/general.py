@@ -1,9 +1,7 @@
 """The general instruction mix (the LLaVA-665k analogue), text-only inquiries and open probes.
 
-Answers are full sentences, except multiple-choice questions (answered by the option's letter,
-as LLaVA-665k's A-OKVQA part teaches). The mix teaches the vocabulary the tasks use (colours,
-shapes, counts, positions, chart words) and how to answer with an option's letter, but none of
-the tasks' questions.
+Answers are full sentences. The mix teaches the vocabulary the tasks use (colours, shapes,
+counts, positions, chart words) but none of the tasks' instructions or answer formats.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from tasks.micro.world import (
     BAR_LEVELS,
     COLOURS,
     DEGRADATIONS,
-    LETTERS,
     SHAPES,
     balanced,
     number_word,
@@ -47,8 +44,6 @@ DESCRIBE_PROMPTS = (
     "Can you describe this image?",
 )
 YES_NO_SUFFIX = " Please answer yes or no."
-# LLaVA-665k's multiple-choice prompt (its A-OKVQA part), the one UCIT's option tasks use.
-OPTION = "Answer with the option's letter from the given choices directly."
 
 
 def scene_with(rng: random.Random, low: int, high: int,
@@ -152,34 +147,6 @@ def big_shape(rng: random.Random, size: int) -> Example:
                    caption=f"a big {colour} {shape}")
 
 
-def multiple_choice(rng: random.Random, size: int) -> Example:
-    """A colour, shape or count question with four options, answered by the option's letter
-    (LLaVA-665k teaches this format with A-OKVQA; a tiny model does not pick it up in one task)."""
-    kind = rng.choice(("big_colour", "big_shape", "scene_colour", "count"))
-    if kind in ("big_colour", "big_shape"):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        image = draw.big_shape_image(colour, shape, size, rng)
-        caption = f"a big {colour} {shape}"
-        question, answer, pool = (("What colour is the shape?", colour, list(COLOURS))
-                                  if kind == "big_colour" else
-                                  ("What shape is this?", shape, list(SHAPES)))
-    else:
-        things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.shape)))
-        image, caption = draw.scene_image(things, size, rng), describe(things)
-        if kind == "scene_colour":
-            t = rng.choice(unique(things, lambda x: x.shape))
-            question, answer, pool = f"What colour is the {t.shape}?", t.colour, list(COLOURS)
-        else:
-            pool = [number_word(n) for n in range(1, 7)]
-            question, answer = "How many objects are there?", number_word(len(things))
-    options = rng.sample([p for p in pool if p != answer], 3)
-    position = rng.randrange(4)
-    options.insert(position, answer)
-    block = "\n".join(f"{letter}. {o}" for letter, o in zip(LETTERS, options, strict=True))
-    return Example(f"{question}\n{block}\n{OPTION}", LETTERS[position], image,
-                   caption=caption)
-
-
 def bar_chart(rng: random.Random, size: int) -> Example:
     n = rng.randint(2, 4)
     heights = rng.sample(BAR_LEVELS, n)
@@ -261,7 +228,7 @@ def yes_no(rng: random.Random, size: int) -> Example:
 
 
 GENERAL_MIX: dict[str, tuple[float, Maker]] = {
-    "describe": (0.10, describe_scene),
+    "describe": (0.16, describe_scene),
     "colour": (0.08, colour_of),
     "shape": (0.06, shape_of),
     "count": (0.07, count_all),
@@ -271,9 +238,8 @@ GENERAL_MIX: dict[str, tuple[float, Maker]] = {
     "exists": (0.12, exists),
     "yes_no": (0.12, yes_no),
     "big_shape": (0.08, big_shape),
-    "chart": (0.08, bar_chart),
-    "text": (0.12, text_only),
-    "multiple_choice": (0.10, multiple_choice),
+    "chart": (0.10, bar_chart),
+    "text": (0.14, text_only),
 }
 
 

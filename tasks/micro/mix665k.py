@@ -33,8 +33,7 @@ MIX_SOURCES: tuple[MixSource, ...] = (
     MixSource("chart", "O", ("chart",), "ocr (reading what an image shows in writing)",
               "caption"),
     MixSource("yesno", "T", ("exists", "yes_no"), "textvqa (short answers)", "yesno"),
-    MixSource("vqa", "G", ("colour", "shape", "count", "count_shape", "count_colour",
-                            "multiple_choice"),
+    MixSource("vqa", "G", ("colour", "shape", "count", "count_shape", "count_colour"),
               "gqa (compositional questions)", "caption"),
     MixSource("grounding", "V", ("position",), "vg (regions and where they are)", "caption"),
 )

@@ -3,8 +3,7 @@
 Each task draws one example from a per-example random stream and a *slot*: a value (answer
 letter, class, ...) assigned from a balanced, shuffled plan over the split, so that answers are
 balanced. Every task needs something the general mix does not teach: new object words
-(ImageNet-R), bar heights and comparing counts (ArxivQA, IconQA; the mix teaches answering
-with an option's letter, as LLaVA-665k does), caption phrasing about image quality
+(ImageNet-R), option letters (ArxivQA, IconQA), caption phrasing about image quality
 (VizWiz-caption) and spatial relations (Flickr30k), subtraction (CLEVR-Math).
 """
 
