@@ -130,13 +130,13 @@ def build_llava(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1  # the patches and CLS
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision_config(cfg).to_dict() | {"model_type": "clip_vision_model"},
         text_config=text.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_tokens,
-        vision_feature_select_strategy="full",
+        image_seq_length=n_patches,
+        vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
     return LlavaForConditionalGeneration(config)
@@ -147,7 +147,7 @@ def llava_processor(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> Llav
         image_processor=image_processor(cfg),
         tokenizer=tokenizer,
         patch_size=cfg.patch_size,
-        vision_feature_select_strategy="full",
+        vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
 
