@@ -2,10 +2,11 @@
 
 The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
 ``training_samples`` (``before_train_batch`` before each batch's forward) with ``extra_losses``
-added to the LLaVA loss -> ``after_stage`` (consolidation) -> ``save`` (the stage checkpoint,
-before evaluating, so that a crash in the evaluation keeps the training) -> evaluation of every
-task on ``eval_model`` (``before_generate`` before each generation batch) ->
-``after_evaluation``. A method sees only the current stage's tasks, never the future ones.
+added to the LLaVA loss (``before_optimizer_step`` between the backward and the optimizer step)
+-> ``after_stage`` (consolidation) -> ``save`` (the stage checkpoint, before evaluating, so that a
+crash in the evaluation keeps the training) -> evaluation of every task on ``eval_model``
+(``before_generate`` before each generation batch) -> ``after_evaluation``. A method sees only
+the current stage's tasks, never the future ones.
 
 Tensors a method makes itself go to the device of the model they meet
 (``cl_bench.models.placement.to_model``); what it accumulates across stages stays float32.
@@ -75,6 +76,16 @@ class MethodContext:
             self._cache[task.name] = load_samples(files.train, files.image_root)
         return self._cache[task.name]
 
+    def train_sample(self, task: str, index: int) -> Sample:
+        """Training sample ``index`` of the suite's task named ``task`` (a stored reference, e.g.
+        a replay buffer's), checked against the data."""
+        spec = next((t for t in self.suite.tasks if t.name == task), None)
+        samples = self.train_samples(spec) if spec is not None else []
+        if index >= len(samples):
+            raise CLBenchError(f"a stored reference names training sample {index} of task "
+                               f"{task!r}, which has {len(samples)}: did the data change?")
+        return samples[index]
+
     def suite_file(self, relative: str | None, what: str) -> Path:
         """A file of the suite under the data root (inquiries, probes)."""
         if relative is None:
@@ -120,6 +131,16 @@ class Method:
     def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict:
         """Terms added to the LLaVA loss at every training step, by name."""
         return {}
+
+    def before_optimizer_step(self, model: torch.nn.Module) -> None:
+        """Called once per optimizer step on ``model`` (the one ``before_stage`` returned), after
+        the backward of the step's last accumulated micro-batch and before gradient clipping and
+        the optimizer step, under the training's autocast: the trainable parameters' ``.grad``
+        hold the step's gradient, which the hook may change in place (e.g. GEM's projection).
+        It may run forward and backward passes of its own, as long as it leaves ``.grad`` holding
+        the gradient to step with. Under DeepSpeed the engine steps inside the backward, so a
+        method that overrides this hook must refuse DeepSpeed (and DDP, unless it reduces what it
+        computes across ranks)."""
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Consolidate after training: the LoRA becomes part of the model (float32 factors

@@ -18,7 +18,17 @@ COMMAND = "python -m cl_bench.cli list --markdown > docs/methods.md"
 
 
 def option_docs(options: type) -> dict[str, str]:
-    """The docstring written under each field of an Options dataclass, by field name."""
+    """The docstring written under each field of an Options dataclass (or of the Options
+    dataclass it extends), by field name."""
+    docs: dict[str, str] = {}
+    for cls in reversed(options.__mro__):
+        if dataclasses.is_dataclass(cls):
+            docs |= own_option_docs(cls)
+    return docs
+
+
+def own_option_docs(options: type) -> dict[str, str]:
+    """The docstrings under the fields one Options class defines itself."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(options)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}

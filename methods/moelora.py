@@ -14,17 +14,23 @@ scaling lora_alpha / r with r the total rank; A ~ N(0, 0.01), B = 0; the router 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import Method, MethodContext, Stage
-from cl_bench.models.lora import language_model_linears, set_projector_trainable
-from cl_bench.models.sharing import shallow_copy
+from cl_bench.models.lora import set_projector_trainable
+from cl_bench.models.moe_lora import (
+    ExpertLoRALinear,
+    MoELoRALinear,
+    expert_layers,
+    load_expert_layers,
+    save_expert_layers,
+    without_experts,
+    wrap_linears,
+)
 from cl_bench.registry import register_method
 from tasks.suite import TaskSpec
 
@@ -68,42 +74,6 @@ def check_options(o: MoELoRAOptions, experts: int | None = None) -> None:
         raise CLBenchError("; ".join(problems))
 
 
-class MoELoRALinear(torch.nn.Module):
-    """``base(x) + scaling * sum_e g_e(x) B_e A_e dropout(x)``, ``g = softmax(router x)`` per
-    token. A (r x in) and B (out x r) hold the experts' factors side by side (expert e: rows /
-    columns e*r/E to (e+1)*r/E); adapter parameters are fp32 whatever the base's dtype."""
-
-    def __init__(self, base: torch.nn.Linear, experts: int, rank: int, scaling: float,
-                 dropout: float) -> None:
-        super().__init__()
-        if rank % experts:
-            raise CLBenchError(f"rank {rank} is not divisible by {experts} experts")
-        self.base, self.experts, self.scaling = base, experts, scaling
-        device = base.weight.device
-        a = torch.empty(rank, base.in_features).normal_(0.0, 0.01)  # reference init of A
-        router = torch.empty(experts, base.in_features)
-        torch.nn.init.kaiming_uniform_(router, a=math.sqrt(5))  # nn.Linear's init, as reference
-        self.A = torch.nn.Parameter(a.to(device))
-        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        self.router = torch.nn.Parameter(router.to(device))
-        self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
-
-    def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Each token's weights over the experts (..., E), summing to 1."""
-        return torch.softmax(x.float() @ self.router.T, dim=-1)  # CoIN MoELoRA router
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        x = x.float()
-        h = self.dropout(x) @ self.A.T  # every expert's A_e x, side by side (..., r)
-        h = (h.unflatten(-1, (self.experts, -1)) * self.gates(x).unsqueeze(-1)).flatten(-2)
-        return out + (self.scaling * h @ self.B.T).to(out.dtype)  # CoIN: sum_e g_e B_e A_e x
-
-
-def moe_layers(model: torch.nn.Module) -> dict[str, MoELoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MoELoRALinear)}
-
-
 @register_method(
     "moelora",
     paper="MoELoRA of CoIN (Chen et al., NeurIPS 2024 D&B); baseline in HiDe-LLaVA, LLaVA-c",
@@ -116,6 +86,7 @@ class MoELoRA(Method):
     """CoIN's MoELoRA: LoRA experts of rank r/E mixed per token by a softmax router."""
 
     Options = MoELoRAOptions
+    rank_per_expert = RANK_PER_EXPERT
 
     def __init__(self, options: MoELoRAOptions, context: MethodContext) -> None:
         super().__init__(options, context)
@@ -129,30 +100,36 @@ class MoELoRA(Method):
 
     @property
     def rank(self) -> int:
-        return self.options.rank or RANK_PER_EXPERT * self.experts
+        return self.options.rank or self.rank_per_expert * self.experts
+
+    @property
+    def scaling(self) -> float:
+        return (self.options.alpha or 2 * self.rank) / self.rank
 
     # -- training ----------------------------------------------------------------------------
+    def make_layer(self, name: str, linear: torch.nn.Linear) -> ExpertLoRALinear:
+        """The expert layer that replaces the adapted linear layer ``name``."""
+        return MoELoRALinear(linear, self.experts, self.rank, self.scaling,
+                             self.context.config.lora.dropout)
+
+    def targets(self) -> list[str]:
+        """The language model's linear layers to adapt."""
+        return self.context.config.lora.targets
+
+    def train_projector(self) -> bool:
+        return self.context.config.lora.train_projector
+
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Wrap the targeted layers once (stage 1); train the adapters and, if configured, the
         projector."""
-        if not moe_layers(model):
-            self._wrap(model)
+        if not expert_layers(model):
+            wrap_linears(model, self.targets(), self.make_layer)
         model.requires_grad_(False)
-        for layer in moe_layers(model).values():
-            for p in (layer.A, layer.B, layer.router):
+        for layer in expert_layers(model).values():
+            for p in layer.adapter_parameters():
                 p.requires_grad_(True)
-        set_projector_trainable(model, self.context.config.lora.train_projector)
+        set_projector_trainable(model, self.train_projector())
         return model
-
-    def _wrap(self, model: torch.nn.Module) -> None:
-        lora = self.context.config.lora
-        scaling = (self.options.alpha or 2 * self.rank) / self.rank
-        targets = language_model_linears(model, lora.targets)
-        if not targets:
-            raise CLBenchError(f"no language-model linear layers named {lora.targets} to adapt")
-        for name, linear in targets.items():
-            model.set_submodule(name, MoELoRALinear(linear, self.experts, self.rank, scaling,
-                                                    lora.dropout))
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Nothing to merge: the next stage trains the same experts and routers on."""
@@ -161,29 +138,13 @@ class MoELoRA(Method):
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """The plain model (each wrapped layer's base) and the adapters beside it."""
-        plain = shallow_copy(model)
-        layers = moe_layers(plain)
-        for name, layer in layers.items():
-            plain.set_submodule(name, layer.base)
-        super().save(plain, folder)
-        tensors = {f"{name}::{part}": getattr(layer, part).detach().cpu().contiguous()
-                   for name, layer in layers.items() for part in ("A", "B", "router")}
-        save_file(tensors, str(folder / ADAPTER_FILE))
+        super().save(without_experts(model), folder)
+        save_expert_layers(model, folder / ADAPTER_FILE)
 
     def load(self, folder: Path) -> torch.nn.Module:
         model = super().load(folder)
-        path = folder / ADAPTER_FILE
-        if not path.is_file():
-            raise CLBenchError(f"{path} is missing: a MoELoRA checkpoint keeps its adapters there")
-        self._wrap(model)
-        tensors = load_file(str(path))
-        for name, layer in moe_layers(model).items():
-            for part in ("A", "B", "router"):
-                stored = tensors.get(f"{name}::{part}")
-                if stored is None or stored.shape != getattr(layer, part).shape:
-                    raise CLBenchError(f"{path}: no {part} of shape "
-                                       f"{tuple(getattr(layer, part).shape)} for {name}")
-                getattr(layer, part).data.copy_(stored)
+        wrap_linears(model, self.targets(), self.make_layer)
+        load_expert_layers(model, folder / ADAPTER_FILE)
         return model
 
     def state(self) -> dict:

@@ -102,7 +102,7 @@ class Replay(SeqLoRA):
         count = min(len(self.buffer), round(self.options.ratio * own))
         rng = random.Random(f"replay:{self.context.config.seed}:{stage.index}")
         picked = sorted(rng.sample(range(len(self.buffer)), count))
-        return [self._sample(*self.buffer[i]) for i in picked]
+        return [self.context.train_sample(*self.buffer[i]) for i in picked]
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Stream the stage's own samples through the reservoir."""
@@ -112,14 +112,6 @@ class Replay(SeqLoRA):
         self.seen = reservoir_update(self.buffer, self.seen, stream, self.options.buffer_size,
                                      rng)
         return super().after_stage(model, stage)
-
-    def _sample(self, task: str, index: int) -> Sample:
-        spec = next((t for t in self.context.suite.tasks if t.name == task), None)
-        samples = self.context.train_samples(spec) if spec is not None else []
-        if index >= len(samples):
-            raise CLBenchError(f"replay buffer names sample {index} of task {task!r}, which "
-                               f"has {len(samples)} training samples: did the data change?")
-        return samples[index]
 
     def _replay_file_samples(self, task) -> list[Sample]:
         relative = Path(self.options.replay_file.format(task=task.name))

@@ -12,7 +12,7 @@ import torch
 
 import cl_bench.running.runner
 from cl_bench.cli import main
-from cl_bench.config import RunConfig
+from cl_bench.config import ModelConfig, RunConfig
 from cl_bench.method import MethodContext, Stage
 from cl_bench.models.llava import load_llava
 from cl_bench.registry import get_suite
@@ -25,6 +25,13 @@ def make_context(method: str, tiny_llava: Path, ucit_root: Path, run_dir: Path) 
     cfg = RunConfig(method=method, suite="ucit", seed=0)
     cfg.lora.rank, cfg.lora.alpha = RANK, 4.0
     return MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
+
+
+def load_tiny(tiny_llava: Path, dtype: str, device: str = "cpu"):
+    """The tiny LLaVA's bundle with its weights in ``dtype`` (bf16, fp16, fp32) on ``device``."""
+    return load_llava(tiny_llava, ModelConfig(device=device, dtype=dtype,
+                                              attn_implementation="sdpa",
+                                              conversation="llava_hf", image_aspect_ratio="crop"))
 
 
 def trained_like(model: torch.nn.Module, seed: int) -> None:

@@ -30,13 +30,21 @@ def stage(index: int, task: str) -> Stage:
     return Stage(index, (get_suite("ucit").task(task),))
 
 
+def planned(method: Method, tasks: tuple[str, ...] = ("ImageNet-R", "ArxivQA")) -> Method:
+    """``method`` with its stages planned over the UCIT tasks named (a run calls ``plan``
+    first)."""
+    method.plan([method.context.suite.task(task) for task in tasks])
+    return method
+
+
 def train_stage(method: Method, model, index: int, task: str):
     """``before_stage``, a few real Trainer steps through the method's hooks, ``after_stage``."""
     ctx = method.context
     model = method.before_stage(model, stage(index, task))
     info = train_model(model, ctx.bundle, method.training_samples(stage(index, task)),
                        ctx.config.train, ctx.run_dir / "trainer", index, method.extra_losses,
-                       functools.partial(method.before_train_batch, model))
+                       functools.partial(method.before_train_batch, model),
+                       before_step=functools.partial(method.before_optimizer_step, model))
     return method.after_stage(model, stage(index, task)), info
 
 

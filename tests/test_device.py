@@ -113,6 +113,19 @@ def test_hide_llava_run_and_task_models_on_the_accelerator(
                      "--out", str(tmp_path / "cka")]) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gem", "cl_moe"])
+def test_optimizer_step_and_expert_methods_run_on_the_accelerator(
+    method, device_data, tiny_llava, tmp_path, monkeypatch
+) -> None:
+    out = tmp_path / method
+    with accelerator_runs(monkeypatch):
+        assert main(run_argv(method, device_data, tiny_llava, out, "--general", "none",
+                             "--set", "train.save_steps=1")) == 0
+    last = json.loads((out / "records.jsonl").read_text().splitlines()[-1])
+    assert last["method"] and last["stage"] == 2  # GEM projected on stage 2; CL-MoE indexed
+
+
 def test_a_forgotten_move_is_caught(tiny_llava, device_data, monkeypatch) -> None:
     """The planted bug: a batch that does not follow the model (probes, then UIR)."""
     import cl_bench.evaluation.probes as probes

@@ -6,14 +6,21 @@ import math
 
 import pytest
 import torch
-from method_stages import method_context, quick_run, run_resumed_and_whole, train_stage
+from method_stages import (
+    method_context,
+    planned,
+    quick_run,
+    run_resumed_and_whole,
+    train_stage,
+)
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch, prompt_item
-from cl_bench.models.llava import load_llava
-from methods.moelora import MoELoRA, MoELoRALinear, MoELoRAOptions, moe_layers
+from cl_bench.models.checkpoint import MODEL_FILE
+from cl_bench.models.moe_lora import MoELoRALinear, expert_layers, without_experts
+from methods.moelora import MoELoRA, MoELoRAOptions
 
 
 def toy_layer(scaling: float = 2.0) -> MoELoRALinear:
@@ -84,20 +91,14 @@ def test_bad_rank_stops_a_run_before_any_training(ucit_root, tiny_llava, tmp_pat
     assert not (out / "records.jsonl").exists()  # not even the starting model was evaluated
 
 
-def planned(ctx, options: MoELoRAOptions) -> MoELoRA:
-    method = MoELoRA(options, ctx)
-    method.plan([ctx.suite.task("ImageNet-R"), ctx.suite.task("ArxivQA")])
-    return method
-
-
 def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
     ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
-    method = planned(ctx, MoELoRAOptions(rank=4, alpha=8.0))
+    method = planned(MoELoRA(MoELoRAOptions(rank=4, alpha=8.0), ctx))
     start = {n: p.detach().clone() for n, p in ctx.bundle.model.named_parameters()}
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
-    layers = moe_layers(model)
+    layers = expert_layers(model)
     assert len(layers) == 7 * model.config.text_config.num_hidden_layers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.rsplit(".", 1)[1] for n in trainable if "multi_modal_projector" not in n} == {
@@ -130,18 +131,24 @@ def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     with torch.no_grad():
         layer.B.copy_(trained)
     model, _ = train_stage(method, model, 2, "ArxivQA")  # the same experts train on
-    assert moe_layers(model) == layers and not torch.equal(layer.B, trained)
+    assert expert_layers(model) == layers and not torch.equal(layer.B, trained)
 
 
-def test_checkpoints_hold_a_plain_llava_and_the_adapters(tiny_llava, ucit_root, tmp_path) -> None:
+def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
+    tiny_llava, ucit_root, tmp_path
+) -> None:
     ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
-    method = planned(ctx, MoELoRAOptions())
+    method = planned(MoELoRA(MoELoRAOptions(), ctx))
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
+    ctx.note_trainable(model)  # as the runner: the adapters are no plain trained parameters
     method.save(model, tmp_path / "checkpoint")
-    plain = load_llava(tmp_path / "checkpoint" / "model").model  # a standard LLaVA folder
-    assert not moe_layers(plain) and moe_layers(model)  # saving left the trained model wrapped
-    fresh = planned(ctx, MoELoRAOptions())
-    loaded = fresh.load(tmp_path / "checkpoint")
+    weights = sum(p.stat().st_size for p in tiny_llava.glob("*.safetensors"))
+    assert (tmp_path / "checkpoint" / MODEL_FILE).stat().st_size < weights / 2  # no model copy
+    plain = without_experts(model)
+    assert not expert_layers(plain) and expert_layers(model)  # the trained model stays wrapped
+    fresh = planned(MoELoRA(MoELoRAOptions(),
+                            method_context(tiny_llava, ucit_root, tmp_path, "moelora")))
+    loaded = fresh.load(tmp_path / "checkpoint")  # on a freshly loaded starting model
     batch = collate_batch([prompt_item(ctx.bundle, "red", None)], ctx.bundle)
     model.eval()
     loaded.eval()

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import strip_prefix
+from cl_bench.models.moe_lora import expert_layers
 from cl_bench.models.updates import load_updates_state, updates_state
 
 MODEL_FILE = "model.safetensors"
@@ -41,9 +42,12 @@ def fingerprint(folder: Path) -> str:
 
 
 def trained_names(model: torch.nn.Module) -> set[str]:
-    """The trainable parameters that are not LoRA factors (the projector), PEFT prefix off."""
+    """The trainable parameters that are neither LoRA factors nor expert-LoRA adapters (which
+    their methods save themselves): the projector, PEFT prefix off."""
+    adapters = {id(p) for layer in expert_layers(model).values()
+                for p in layer.adapter_parameters()}
     return {strip_prefix(n) for n, p in model.named_parameters()
-            if p.requires_grad and "lora_" not in n}
+            if p.requires_grad and "lora_" not in n and id(p) not in adapters}
 
 
 def save_model_state(model: torch.nn.Module, folder: Path, base: Path,

@@ -174,6 +174,15 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     return folder.path
 
 
+def drop_trainer_checkpoints(trainer_dir: Path) -> None:
+    """Remove the Trainer's mid-stage checkpoints once the stage is kept; its tracker logs
+    (``runs/`` of ``--report-to tensorboard``) stay."""
+    for checkpoint in trainer_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
+        trainer_dir.rmdir()
+
+
 def run_stage(
     method: Method, model, stage: Stage, total: int, tasks: list[TaskSpec], test_sets: dict,
     folder: RunFolder, checks: degradation.Degradation | None = None,
@@ -199,11 +208,12 @@ def run_stage(
             ctx.config.seed + stage.index, method.extra_losses,
             functools.partial(method.before_train_batch, model),
             MethodState(method.state, method.load_state), ctx.config.report_to,
+            functools.partial(method.before_optimizer_step, model),
         )
         model = method.after_stage(model, stage)
         done = {"train": train_info, "seconds": round(time.time() - t0, 2), **peak.read("train")}
         folder.write_checkpoint(stage.index, lambda path: method.save(model, path), done)
-        shutil.rmtree(trainer_dir, ignore_errors=True)
+        drop_trainer_checkpoints(trainer_dir)
     t1 = time.time()
     evaluated = method.eval_model(model)
     results = evaluate_all(evaluated, ctx, tasks, test_sets, stage.index, folder, method)

@@ -34,6 +34,7 @@ from tasks.loaders import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], dict[str, torch.Tensor]]
 BeforeBatch = Callable[[list[tuple[str, Image.Image | None]]], None]
+BeforeStep = Callable[[], None]
 ROW_PROMPTS = "row_prompts"  # the batch's (first question, image) rows, for ``before_batch``
 TRAINABLE_FILE = "trainable.safetensors"
 METHOD_STATE_FILE = "method_state.json"
@@ -49,18 +50,28 @@ class MethodState:
 
 class MethodTrainer(Trainer):
     """A Trainer whose loss is the LLaVA loss plus the method's extra terms (``before_batch`` sees
-    each batch's rows before its forward), with a separate projector learning rate and checkpoints
-    holding only what trains."""
+    each batch's rows before its forward, ``before_step`` the gradients of each optimizer step
+    before clipping and the step), with a separate projector learning rate and checkpoints holding
+    only what trains."""
 
     def __init__(self, *args, extra_loss: ExtraLoss | None = None,
-                 before_batch: BeforeBatch | None = None, projector_lr: float | None = None,
-                 method_state: MethodState | None = None, **kwargs) -> None:
+                 before_batch: BeforeBatch | None = None, before_step: BeforeStep | None = None,
+                 projector_lr: float | None = None, method_state: MethodState | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.extra_loss = extra_loss
         self.before_batch = before_batch
+        self.before_step = before_step
         self.projector_lr = projector_lr
         self.method_state = method_state
         self.loss_parts: dict[str, float] = {}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.before_step is not None and self.accelerator.sync_gradients:
+            with self.compute_loss_context_manager():  # the training's autocast
+                self.before_step()  # the step's last micro-batch: clipping and the step follow
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.pop(ROW_PROMPTS, None)
@@ -205,6 +216,7 @@ def train_model(
     before_batch: BeforeBatch | None = None,
     method_state: MethodState | None = None,
     report_to: list[str] | None = None,
+    before_step: BeforeStep | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``samples``; returns the final training metrics.
 
@@ -221,6 +233,7 @@ def train_model(
         data_collator=lambda items: collate_training(items, bundle),
         extra_loss=extra_loss,
         before_batch=before_batch,
+        before_step=before_step,
         projector_lr=cfg.projector_lr,
         method_state=method_state,
     )
