@@ -95,6 +95,14 @@ def ucit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small preset's world and base (built once per session, in under a minute idle)."""
+    from tasks.micro.base import SMALL, micro_base_folder
+
+    return micro_base_folder(tmp_path_factory.mktemp("micro-cache"), build=SMALL)
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIP (untrained) on the fixture tokenizer, saved as a local CLIP folder."""
     folder = tmp_path_factory.mktemp("tiny_clip")

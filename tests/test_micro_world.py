@@ -10,12 +10,16 @@ import pytest
 from PIL import Image
 
 from tasks.loaders import load_samples
+from tasks.micro.fingerprint import tree_sha256
+from tasks.micro.general import GENERAL_MIX
+from tasks.micro.mix665k import MIX_DIR, MIX_SOURCES
 from tasks.micro.tasks import MICRO_TASKS, generate
 from tasks.micro.world import OBJECTS, MicroWorldConfig
 from tasks.micro.write import generate_micro_world
 from tasks.suites.ucit import UCIT_TASKS
 
-TINY = MicroWorldConfig(n_train=20, n_test=10, n_general=40, n_inquiry=10, n_probe=8, n_bench=24)
+TINY = MicroWorldConfig(n_train=20, n_test=10, n_general=60, n_inquiry=10, n_probe=8, n_bench=24,
+                        n_clip=40, n_align=12, n_text=12)
 TASK_NAMES = [t.name for t in UCIT_TASKS]
 BENCH_FILES = ("mme", "pope_random", "pope_popular", "pope_adversarial", "open")
 
@@ -58,8 +62,11 @@ def test_layout_and_counts(world: Path) -> None:
     assert manifest["fingerprint"] == world.name
     assert manifest["config"] == vars(TINY)
     expected = [f"UCIT/{t}/{s}.json" for t in TASK_NAMES for s in ("train", "test")]
-    expected += ["general/train.json", "general/inquiries.json", "general/probes.json"]
+    expected += ["general/train.json"]
+    expected += [f"{MIX_DIR}/{m.name}/{s}.json" for m in MIX_SOURCES for s in ("train", "test")]
+    expected += ["general/inquiries.json", "general/probes.json"]
     expected += [f"general/bench/{b}.json" for b in BENCH_FILES]
+    expected += ["pretrain/clip.json", "pretrain/align.json", "pretrain/text.json"]
     assert list(manifest["counts"]) == expected
     for rel, count in manifest["counts"].items():
         assert len(load(world / rel)) == count, rel
@@ -71,13 +78,26 @@ def test_layout_and_counts(world: Path) -> None:
     assert manifest["counts"]["general/probes.json"] == TINY.n_probe
     for bench in BENCH_FILES:
         assert manifest["counts"][f"general/bench/{bench}.json"] == TINY.n_bench
+    for name, n in (("clip", TINY.n_clip), ("align", TINY.n_align), ("text", TINY.n_text)):
+        assert manifest["counts"][f"pretrain/{name}.json"] == n
+    assert manifest["content_sha256"] == tree_sha256_without_manifest(world)
+
+
+def tree_sha256_without_manifest(world: Path) -> str:
+    manifest = (world / "manifest.json").read_bytes()
+    (world / "manifest.json").unlink()
+    try:
+        return tree_sha256(world)
+    finally:
+        (world / "manifest.json").write_bytes(manifest)
 
 
 def image_roots(world: Path) -> dict[str, Path]:
     roots = {f"UCIT/{t}/{s}.json": world / "UCIT" / "datasets"
              for t in TASK_NAMES for s in ("train", "test")}
     roots |= {rel: world / "general" for rel in load(world / "manifest.json")["counts"]
-              if rel.startswith("general/")}
+              if rel.startswith(("general/", MIX_DIR))}
+    roots |= {f"pretrain/{n}.json": world / "pretrain" for n in ("clip", "align", "text")}
     return roots
 
 
@@ -96,7 +116,7 @@ def test_every_image_exists_and_is_32px_rgb(world: Path) -> None:
 
 def test_the_real_loaders_read_every_file(world: Path) -> None:
     for rel, root in image_roots(world).items():
-        if rel.endswith(("inquiries.json", "probes.json")):
+        if rel.endswith(("inquiries.json", "probes.json", "clip.json")):
             continue
         samples = load_samples(world / rel, root)
         assert samples and all(s.question for s in samples), rel
@@ -209,3 +229,39 @@ def test_image_size_is_configurable(tmp_path: Path) -> None:
     for png in folder.rglob("*.png"):
         with Image.open(png) as img:
             assert img.size == (48, 48)
+
+
+def test_the_mix_split_covers_every_kind_once_and_keeps_the_records(world: Path) -> None:
+    kinds = [k for m in MIX_SOURCES for k in m.kinds]
+    assert sorted(kinds) == sorted(GENERAL_MIX)
+    general = {r["id"]: r for r in load(world / "general" / "train.json")}
+    seen = []
+    for source in MIX_SOURCES:
+        train = load(world / MIX_DIR / source.name / "train.json")
+        assert all(r["category"] in source.kinds and general[r["id"]] == r for r in train)
+        seen += [r["id"] for r in train]
+        test = load(world / MIX_DIR / source.name / "test.json")
+        assert len(test) == TINY.n_test and all(r["category"] in source.kinds for r in test)
+    assert sorted(seen) == sorted(general)
+
+
+def test_clip_captions_name_every_visual_concept(world: Path) -> None:
+    records = load(world / "pretrain" / "clip.json")
+    assert {r["family"] for r in records} == {
+        "scene", "icons", "big_shape", "object", "chart", "photo", "relation"}
+    text = " ".join(r["caption"] for r in records)
+    for word in ("tallest", "photo", "left of", "drawing"):
+        assert word in text
+    aligned = {r["family"] for r in load(world / "pretrain" / "align.json")}
+    assert aligned <= {"scene", "big_shape", "chart"}  # task concepts stay new to LLaVA
+
+
+def test_text_knowledge_names_every_task_answer_word_without_task_formats() -> None:
+    import random
+
+    from tasks.micro.facts import FACTS, text_fact
+
+    answers = " ".join(text_fact(random.Random(i))[1] for i in range(3000))
+    for word in (*OBJECTS, "blurry", "tilted", "dark", "left of", "above", "B", "C", "D"):
+        assert word in answers, word
+    assert all(fact(random.Random(0))[1].endswith(".") for fact in FACTS)

@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from tasks.micro import draw
+from tasks.micro.facts import text_fact
 from tasks.micro.records import Example
 from tasks.micro.scene import (
     Kind,
@@ -242,9 +243,11 @@ GENERAL_MIX: dict[str, tuple[float, Maker]] = {
 }
 
 
-def generate_general(seed: int, n: int, size: int, stream: str = "general") -> Iterator[Example]:
-    """The general instruction mix: kinds in GENERAL_MIX proportions (a shuffled plan)."""
-    plan = quota_plan(n, {k: w for k, (w, _) in GENERAL_MIX.items()}, rng_for(seed, stream, "plan"))
+def generate_general(seed: int, n: int, size: int, stream: str = "general",
+                     kinds: tuple[str, ...] = tuple(GENERAL_MIX)) -> Iterator[Example]:
+    """The general instruction mix (or its ``kinds`` only): kinds in GENERAL_MIX proportions
+    (a shuffled plan)."""
+    plan = quota_plan(n, {k: GENERAL_MIX[k][0] for k in kinds}, rng_for(seed, stream, "plan"))
     for i, kind in enumerate(plan):
         ex = GENERAL_MIX[kind][1](rng_for(seed, stream, i), size)
         ex.extra = {"category": kind}
@@ -261,85 +264,6 @@ def quota_plan(n: int, weights: dict[str, float], rng: random.Random) -> list[st
     plan = [k for k, c in counts.items() for _ in range(c)]
     rng.shuffle(plan)
     return plan
-
-
-# Text-only facts about the micro vocabulary (the TQA analogue).
-SIDES_OF = {"triangle": 3, "square": 4, "circle": 0, "cross": 12}
-SHAPE_FACTS = {
-    "circle": "A circle is a round shape with no corners.",
-    "square": "A square is a shape with four equal sides and four corners.",
-    "triangle": "A triangle is a shape with three sides and three corners.",
-    "cross": "A cross is a shape made of two bars that cross in the middle.",
-}
-COLOUR_FACTS = {
-    "red": "Red is a warm colour, the colour of strawberries and tomatoes.",
-    "green": "Green is the colour of grass and leaves.",
-    "blue": "Blue is the colour of the sky and the sea.",
-    "yellow": "Yellow is a bright colour, the colour of the sun and of bananas.",
-    "purple": "Purple is the colour you get by mixing red and blue.",
-    "white": "White is the colour of snow and milk.",
-}
-MIXES = (("red", "blue", "purple"), ("blue", "yellow", "green"), ("red", "yellow", "orange"),
-         ("red", "white", "pink"), ("black", "white", "grey"))
-THINGS_COLOURED = (("the sky", "blue"), ("grass", "green"), ("snow", "white"),
-                   ("a banana", "yellow"), ("a strawberry", "red"), ("a grape", "purple"),
-                   ("a lemon", "yellow"), ("a leaf", "green"), ("the sea", "blue"),
-                   ("a tomato", "red"), ("milk", "white"), ("a plum", "purple"))
-OPPOSITES = (("left", "right"), ("top", "bottom"), ("up", "down"), ("tall", "short"),
-             ("big", "small"), ("black", "white"), ("more", "fewer"))
-CHART_FACT = "A bar chart shows numbers as bars; a taller bar means a bigger number."
-
-
-def cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def text_fact(rng: random.Random) -> tuple[str, str]:
-    """One text-only question about the micro vocabulary and its full-sentence answer."""
-    kind = rng.randrange(10)
-    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-    if kind == 0:
-        n = SIDES_OF[shape]
-        word = "sides" if rng.random() < 0.5 else "corners"
-        answer = (f"A {shape} has {number_word(n)} {word}." if n else
-                  f"A circle has no {word}; it is round.")
-        return f"How many {word} does {article(shape)} {shape} have?", answer
-    if kind == 1:
-        a, b, c = rng.choice(MIXES)
-        return f"What colour do you get by mixing {a} and {b}?", f"Mixing {a} and {b} gives {c}."
-    if kind == 2:
-        a, b = rng.randint(0, 4), rng.randint(1, 4)
-        if rng.random() < 0.5 and a + b <= 6:
-            q, w = f"{number_word(a)} plus {number_word(b)}", number_word(a + b)
-        else:
-            a, b = max(a, b), min(a, b)
-            q, w = f"{number_word(a)} minus {number_word(b)}", number_word(a - b)
-        return f"What is {q}?", f"{cap(q)} is {w}."
-    if kind == 3:
-        a, b = rng.sample(range(1, 7), 2)
-        big, small = max(a, b), min(a, b)
-        return (f"Which number is bigger, {number_word(a)} or {number_word(b)}?",
-                f"{cap(number_word(big))} is bigger than {number_word(small)}.")
-    if kind == 4:
-        pair = rng.choice(OPPOSITES)
-        a, b = pair if rng.random() < 0.5 else pair[::-1]
-        return f"What is the opposite of {a}?", f"The opposite of {a} is {b}."
-    if kind == 5:
-        n = rng.randint(1, 5)
-        return f"What number comes after {number_word(n)}?", \
-            f"The number after {number_word(n)} is {number_word(n + 1)}."
-    if kind == 6:
-        thing, c = rng.choice(THINGS_COLOURED)
-        return f"What colour is {thing}?", f"{cap(thing)} is {c}."
-    if kind == 7:
-        q = rng.choice((f"Tell me about {plural(shape)}.", f"What is {article(shape)} {shape}?",
-                        f"Describe {article(shape)} {shape}."))
-        return q, SHAPE_FACTS[shape]
-    if kind == 8:
-        q = rng.choice((f"Tell me about the colour {colour}.",
-                        f"What do you know about the colour {colour}?"))
-        return q, COLOUR_FACTS[colour]
-    return rng.choice(("What is a bar chart?", "What does a bar chart show?")), CHART_FACT
 
 
 def generate_inquiries(seed: int, n: int) -> Iterator[Example]:

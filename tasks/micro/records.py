@@ -22,7 +22,8 @@ class Example:
 
 
 def train_record(rid: str, image: str | None, ex: Example) -> dict:
-    """``{"id", "image"?, "conversations": [human, gpt]}`` (LLaVA conversation JSON)."""
+    """``{"id", "image"?, "conversations": [human, gpt], "caption"?, ...extra}`` (LLaVA
+    conversation JSON; extra keys such as the general mix's ``category`` are ignored by loaders)."""
     human = f"{IMAGE_TOKEN}\n{ex.question}" if image else ex.question
     record: dict = {"id": rid}
     if image:
@@ -33,6 +34,7 @@ def train_record(rid: str, image: str | None, ex: Example) -> dict:
     ]
     if ex.caption:
         record["caption"] = ex.caption
+    record.update(ex.extra)
     return record
 
 
@@ -56,3 +58,8 @@ def inquiry_record(rid: str, image: str | None, ex: Example) -> dict:
         record["image"] = image
     record.update(ex.extra)
     return record
+
+
+def caption_record(rid: str, image: str | None, ex: Example) -> dict:
+    """``{"id", "image", "caption", "family"}``: an image-caption pair (CLIP pretraining)."""
+    return {"id": rid, "image": image, "caption": ex.caption, **ex.extra}

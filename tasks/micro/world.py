@@ -7,7 +7,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 Colour = tuple[int, int, int]
 
@@ -27,6 +27,7 @@ PLURALS: dict[str, str] = {
     "square": "squares",
     "triangle": "triangles",
     "cross": "crosses",
+    "fish": "fish",
 }
 # Object classes of the ImageNet-R analogue: composite silhouettes the general mix never names.
 OBJECTS: tuple[str, ...] = ("house", "tree", "car", "boat", "fish", "flower", "arrow", "moon")
@@ -55,6 +56,9 @@ class MicroWorldConfig:
     n_inquiry: int = 500  # unlabeled text-only inquiries
     n_probe: int = 100  # open degradation probes (half with an image)
     n_bench: int = 120  # questions per general benchmark file
+    n_clip: int = 12000  # image-caption pairs for the tiny CLIP
+    n_align: int = 4000  # brief-caption conversations for the projector's alignment
+    n_text: int = 6000  # text-only conversations for the tiny language model
 
     def fingerprint(self) -> str:
         """A short stable hash of the config and the format version (the cache key)."""

@@ -5,7 +5,9 @@ Layout under ``<root>/<fingerprint>/``::
     UCIT/<Task>/train.json, test.json          (images under UCIT/datasets/<Task>/<split>/)
     general/train.json                         (images under general/images/)
     general/inquiries.json, probes.json        (probe images under general/probes/)
+    LLaVA665k-micro/<source>/train.json, test.json  (images under general/, tests' in mix-test/)
     general/bench/mme.json, pope_<split>.json, open.json   (images under general/bench/<name>/)
+    pretrain/clip.json, align.json, text.json  (images under pretrain/clip/, pretrain/align/)
     manifest.json
 """
 
@@ -23,8 +25,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tasks.micro.benchmarks import POPE_PER_IMAGE, POPE_SPLITS, generate_mme, generate_pope
+from tasks.micro.fingerprint import tree_sha256
 from tasks.micro.general import generate_general, generate_inquiries, generate_open, generate_probes
-from tasks.micro.records import Example, inquiry_record, test_record, train_record
+from tasks.micro.mix665k import MIX_DIR, MIX_SOURCES, generate_mix_test, split_general
+from tasks.micro.pretrain import generate_alignment, generate_clip, generate_text_chat
+from tasks.micro.records import (
+    Example,
+    caption_record,
+    inquiry_record,
+    test_record,
+    train_record,
+)
 from tasks.micro.tasks import MICRO_TASKS, generate
 from tasks.micro.world import FORMAT_VERSION, MicroWorldConfig
 
@@ -71,7 +82,8 @@ def total_records(config: MicroWorldConfig) -> int:
     n_pope = max(1, -(-config.n_bench // (2 * POPE_PER_IMAGE)))
     return (len(MICRO_TASKS) * (config.n_train + config.n_test) + config.n_general
             + config.n_inquiry + config.n_probe + max(1, config.n_bench // 2) + n_pope
-            + config.n_bench)
+            + config.n_bench + len(MIX_SOURCES) * config.n_test + config.n_clip
+            + config.n_align + config.n_text)
 
 
 def write_world(base: Path, config: MicroWorldConfig, progress: bool = False) -> dict:
@@ -87,8 +99,16 @@ def write_world(base: Path, config: MicroWorldConfig, progress: bool = False) ->
                                  f"{task.name}/{split}", f"{task.name}-{split}", fmt)
                 w.json(f"UCIT/{task.name}/{split}.json", recs)
         g = "general"
-        w.json(f"{g}/train.json", w.records(generate_general(seed, config.n_general, size), g,
-                                            "images", "general", train_record))
+        general = w.records(generate_general(seed, config.n_general, size), g, "images",
+                            "general", train_record)
+        w.json(f"{g}/train.json", general)
+        split = split_general(general)
+        for source in MIX_SOURCES:
+            name = source.name
+            w.json(f"{MIX_DIR}/{name}/train.json", split[name])
+            tests = generate_mix_test(seed, source, config.n_test, size)
+            w.json(f"{MIX_DIR}/{name}/test.json",
+                   w.records(tests, g, f"mix-test/{name}", f"{name}-test", test_record))
         w.json(f"{g}/inquiries.json", w.records(generate_inquiries(seed, config.n_inquiry), g,
                                                 "inquiries", "inquiry", inquiry_record))
         w.json(f"{g}/probes.json", w.records(generate_probes(seed, config.n_probe, size), g,
@@ -97,8 +117,16 @@ def write_world(base: Path, config: MicroWorldConfig, progress: bool = False) ->
         _write_pope(w, config)
         w.json(f"{g}/bench/open.json", w.records(generate_open(seed, config.n_bench, size), g,
                                                  "bench/open", "open", test_record))
+        p = "pretrain"
+        w.json(f"{p}/clip.json", w.records(generate_clip(seed, config.n_clip, size), p, "clip",
+                                           "clip", caption_record))
+        w.json(f"{p}/align.json", w.records(generate_alignment(seed, config.n_align, size), p,
+                                            "align", "align", train_record))
+        w.json(f"{p}/text.json", w.records(generate_text_chat(seed, config.n_text), p, "text",
+                                           "text", train_record))
         return {
             "format_version": FORMAT_VERSION,
+            "content_sha256": tree_sha256(base),
             "fingerprint": config.fingerprint(),
             "config": asdict(config),
             "counts": w.counts,
