@@ -11,6 +11,7 @@ With ``sharded`` and a process group of N ranks, the same batches are dealt out 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from cl_bench.evaluation.sharding import gather_rows, is_main, my_batches
+from cl_bench.method import Method
 from cl_bench.models.backbones import Backbone
 from cl_bench.models.llava import ModelBundle, encode_prompt, load_image
 from cl_bench.models.placement import device_of, to_model
@@ -209,5 +211,19 @@ def evaluate_task(
         model, bundle, samples, batch_size, max_new_tokens, task, before_batch,
         workers=workers, sharded=sharded,
     )
+    return scored(task, answer_type, samples, predictions, rule)
+
+
+def scored(task: str, answer_type: str, samples: list[Sample], predictions: dict[str, str],
+           rule: str) -> TaskResult:
+    """A task's predictions scored against its samples' references."""
     references = {s.id: list(s.references) for s in samples}
     return TaskResult(task, score_task(answer_type, predictions, references, rule), predictions)
+
+
+def method_hook(method: Method | None, model: torch.nn.Module, label: str) -> BeforeBatch | None:
+    """``method.before_generate`` on ``model`` for the set ``label``; None for no method or one
+    that keeps the base class's no-op (its batches then carry no images back from workers)."""
+    if method is None or type(method).before_generate is Method.before_generate:
+        return None
+    return functools.partial(method.before_generate, model, label=label)
