@@ -114,6 +114,8 @@ def main() -> None:
     tasks = suite.resolve_order(None)
     test_sets = load_test_sets(suite, tasks, resolve_data_root(suite, cfg), cfg)
     samples = [s for task in tasks for s in test_sets[task.name]]
+    if len({s.id for s in samples}) != len(samples):
+        raise SystemExit("test sample ids repeat across tasks: answers are matched by id")
     print(f"[eval_speed] {len(samples)} samples from {len(tasks)} tasks, cache {cache_dir()}",
           flush=True)
     result = measure(cfg, samples)

@@ -84,19 +84,33 @@ def test_rows_stop_at_eos_and_the_batch_when_all_have(bundle) -> None:
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_sharded_generation_equals_one_process(bundle, tiny_llava: Path, ucit_root: Path,
+def test_sharded_evaluation_equals_one_process(bundle, tiny_llava: Path, ucit_root: Path,
                                                tmp_path: Path) -> None:
+    """Two gloo ranks: generation and probes give the single process's outputs, each rank did
+    its share, routing counts sum over the ranks, and rank 0's error reaches rank 1."""
+    from sharded_generation import inquiries, sharded_prompts
+
+    from cl_bench.evaluation.probes import probe_model
+
     test_file = ucit_root / "UCIT" / "ArxivQA" / "test.json"
     out = tmp_path / "sharded.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--standalone", str(ROOT / "tests" / "sharded_generation.py"),
-         str(tiny_llava), str(test_file), str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "sharded_generation.py"), str(tiny_llava), str(test_file),
+         str(out)],
         check=True, env=env, cwd=ROOT, timeout=300, capture_output=True,
     )
-    samples = load_samples(test_file, test_file.parent.parent / "datasets")
-    prompts = [(s.question, s.image) for s in samples] + [("What colour?", None)]
     result = json.loads(out.read_text())
-    assert result["texts"] == generate_texts(bundle.model, bundle, prompts, 2, 6)
-    assert result["rows"] == [3, 2]  # 5 prompts in batches of 2: batches 0, 2 and 1 dealt out
+    assert result["texts"] == generate_texts(bundle.model, bundle, sharded_prompts(test_file), 2, 6)
+    single = probe_model(bundle.model, bundle, inquiries(test_file), 2, 4)
+    assert result["probe_answers"] == single.answers
+    hidden = torch.load(out.with_suffix(".pt"))
+    # the ranks run 1 thread, this process more: float sums in another order, not other rows
+    assert [h.shape for h in hidden] == [h.shape for h in single.hidden]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hidden, single.hidden, strict=True))
+    ranks = result["ranks"]
+    assert [r["rows"] for r in ranks] == [3, 2]  # 5 prompts, batches of 2: #0 #2 | #1
+    assert [r["counts"] for r in ranks] == [{"r0": [1, 1]}] * 2
+    assert ranks[0]["error"] == "boom"
+    assert ranks[1]["error"] == "rank 0 failed: CLBenchError: boom"
