@@ -3,9 +3,9 @@
 The loop is what the reference repositories' evaluation scripts do for each test line (open the
 image, build the prompt, ``generate`` greedily, decode), on the same prompts with the same greedy
 settings. Both run on the same model in one process, on ``--limit`` test samples of each of
-ucit-micro's six tasks; the script prints (and with ``--out`` writes) both throughputs, their
-ratio, whether the predictions are identical, and the load average, since a shared machine
-slows both loops.
+ucit-micro's six tasks (the batched path one task at a time, as the runner calls it). The script
+prints (and with ``--out`` writes) both throughputs, their ratio, whether the predictions are
+identical, and the load average, since a shared machine slows both loops.
 
     CLBENCH_CACHE=... python benchmarks/eval_speed.py [--limit 40] [--model PATH] [--out FILE]
 
@@ -56,17 +56,26 @@ def timed(run) -> tuple[dict[str, str], float]:
     return answers, time.perf_counter() - start
 
 
-def measure(cfg: RunConfig, samples: list[Sample]) -> dict:
+def batched_by_task(bundle: ModelBundle, test_sets: dict[str, list[Sample]], cfg: RunConfig
+                    ) -> dict[str, str]:
+    """cl-bench's evaluation as the runner calls it: one task at a time."""
+    ev, answers = cfg.eval, {}
+    for task, samples in test_sets.items():
+        answers |= generate_answers(bundle.model, bundle, samples, ev.batch_size,
+                                    ev.max_new_tokens, task, workers=ev.workers)
+    return answers
+
+
+def measure(cfg: RunConfig, test_sets: dict[str, list[Sample]]) -> dict:
     suite = get_suite(cfg.suite)
     bundle = load_llava(resolve_model(suite, cfg), cfg.model)
     ev = cfg.eval
+    samples = [s for task_samples in test_sets.values() for s in task_samples]
     warm = samples[: min(4, len(samples))]
     one_at_a_time(bundle, warm, ev.max_new_tokens)
     generate_answers(bundle.model, bundle, warm, ev.batch_size, ev.max_new_tokens)
     load_before = os.getloadavg()
-    batched, t_batched = timed(lambda: generate_answers(
-        bundle.model, bundle, samples, ev.batch_size, ev.max_new_tokens, "batched",
-        workers=ev.workers))
+    batched, t_batched = timed(lambda: batched_by_task(bundle, test_sets, cfg))
     single, t_single = timed(lambda: one_at_a_time(bundle, samples, ev.max_new_tokens))
     differ = [i for i in single if single[i] != batched[i]]
     return {
@@ -118,7 +127,7 @@ def main() -> None:
         raise SystemExit("test sample ids repeat across tasks: answers are matched by id")
     print(f"[eval_speed] {len(samples)} samples from {len(tasks)} tasks, cache {cache_dir()}",
           flush=True)
-    result = measure(cfg, samples)
+    result = measure(cfg, test_sets)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
