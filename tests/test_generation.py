@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl_bench.evaluation.generation import generate_texts, length_batches
+from cl_bench.errors import CLBenchError
+from cl_bench.evaluation.generation import generate_texts, length_batches, method_hook
+from cl_bench.evaluation.sharding import gather_rows
+from cl_bench.method import Method
 from cl_bench.models.llava import encode_prompt, load_llava
 from tasks.loaders import load_samples
 
@@ -34,6 +37,24 @@ def prompts_of(ucit_root: Path, task: str = "ArxivQA") -> list[tuple]:
 
 def test_length_batches_longest_first_ties_in_input_order() -> None:
     assert length_batches([3, 5, 3, 9, 5], 2) == [[3, 1], [4, 0], [2]]
+
+
+def test_gather_rows_restores_input_order_and_names_lost_rows() -> None:
+    assert gather_rows([2, 0, 1], ["c", "a", "b"], 3) == ["a", "b", "c"]
+    with pytest.raises(CLBenchError, match="lost 1 of 3 rows"):
+        gather_rows([2, 0], ["c", "a"], 3)
+
+
+def test_method_hook_only_for_methods_that_look_at_batches() -> None:
+    class Routing(Method):
+        def before_generate(self, model, prompts, label):
+            self.seen = (model, len(prompts), label)
+
+    assert method_hook(None, "model", "A") is None
+    assert method_hook(Method(None, None), "model", "A") is None
+    routing = Routing(None, None)
+    method_hook(routing, "model", "A")([("q", None)])
+    assert routing.seen == ("model", 1, "A")
 
 
 def test_batched_answers_equal_one_at_a_time_in_input_order(bundle, ucit_root: Path) -> None:

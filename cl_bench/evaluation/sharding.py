@@ -63,15 +63,16 @@ def on_main(compute: Callable[[], T]) -> T:
     if size == 1:
         return compute()
     box: list = [None]
+    error: Exception | None = None
     if rank == 0:
         try:
             box[0] = (True, compute())
-        except Exception as err:  # sent to the other ranks so that none waits forever
-            box[0] = (False, err)
+        except Exception as err:  # its text goes to the other ranks so that none waits forever
+            error, box[0] = err, (False, f"{type(err).__name__}: {err}")
     dist.broadcast_object_list(box, src=0)
     ok, value = box[0]
+    if error is not None:
+        raise error
     if not ok:
-        if rank == 0:
-            raise value
-        raise CLBenchError(f"rank 0 failed: {type(value).__name__}: {value}") from value
+        raise CLBenchError(f"rank 0 failed: {value}")
     return value
