@@ -20,16 +20,20 @@ import os
 import time
 from pathlib import Path
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (as in sac_speed.py): on a shared machine
+# spinning threads stall each other, which would time the load rather than the loops.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cl_bench.config import RunConfig, resolve
-from cl_bench.evaluation.generation import generate_answers, greedy_config
-from cl_bench.models.batching import collate_batch, prompt_item
-from cl_bench.models.llava import ModelBundle, load_llava
-from cl_bench.models.placement import device_of, to_model
-from cl_bench.registry import get_suite
-from cl_bench.running.runner import cache_dir, load_test_sets, resolve_data_root, resolve_model
-from tasks.loaders import Sample
+import torch  # noqa: E402
+
+from cl_bench.config import RunConfig, resolve  # noqa: E402
+from cl_bench.evaluation.generation import generate_answers, greedy_config  # noqa: E402
+from cl_bench.models.batching import collate_batch, prompt_item  # noqa: E402
+from cl_bench.models.llava import ModelBundle, load_llava  # noqa: E402
+from cl_bench.models.placement import device_of, to_model  # noqa: E402
+from cl_bench.registry import get_suite  # noqa: E402
+from cl_bench.running.runner import cache_dir, load_test_sets, resolve_data_root, resolve_model  # noqa: E402
+from tasks.loaders import Sample  # noqa: E402
 
 SUITE = "ucit-micro"
 
