@@ -79,12 +79,19 @@ class LoraSettings:
 
 @dataclass
 class EvalConfig:
-    """Batched greedy generation and scoring."""
+    """Batched greedy generation and scoring (``cl_bench.evaluation.generation``).
+
+    workers: processes loading and preprocessing images while the model generates (None: 4
+    beside a GPU, 0 on the CPU). backend: hf (the model in this process) | vllm (a merged
+    checkpoint served by vLLM, for methods that do not route per sample: docs/gpu.md).
+    """
 
     batch_size: int = 32
     max_new_tokens: int = 128
     limit: int | None = None
     rule: str = "exact"
+    workers: int | None = None
+    backend: str = "hf"
 
 
 @dataclass

@@ -9,7 +9,6 @@ under ``general`` and ``probes``; ``summary_general`` and ``summary_probes`` gat
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from cl_bench.evaluation.general import (
     require_lmms_eval,
     resolve_benchmarks,
 )
+from cl_bench.evaluation.generation import method_hook
 from cl_bench.evaluation.probes import (
     PROBE_TOKENS,
     Inquiry,
@@ -31,6 +31,7 @@ from cl_bench.evaluation.probes import (
     run_probes,
     subset,
 )
+from cl_bench.evaluation.sharding import on_main
 from cl_bench.method import Method, MethodContext, Stage
 from tasks.suite import TaskSpec
 
@@ -57,24 +58,19 @@ class Degradation:
     def measure(self, model: torch.nn.Module, stage: int, method: Method | None = None) -> dict:
         """General scores and probe numbers of ``model`` after ``stage`` (0: the start)."""
         cfg, run_dir, out = self.ctx.config, self.ctx.run_dir, {}
-
-        def hook(label: str):
-            if method is None:
-                return None
-            return functools.partial(method.before_generate, model, label=label)
-
         if self.benchmarks:
             t0 = time.time()
             out["general"] = evaluate_general(
                 model, self.ctx.bundle, self.benchmarks, self.ctx.data_root, cfg,
-                run_dir / "general" / f"stage_{stage}", hook("general"),
+                run_dir / "general" / f"stage_{stage}", method_hook(method, model, "general"),
             )
             log(f"stage {stage}: general {headline(out['general'])} ({time.time() - t0:.0f} s)")
-        if self.inquiries and (stage == 0 or (run_dir / "probes" / "start.pt").exists()):
+        start_file = run_dir / "probes" / "start.pt"
+        if self.inquiries and (stage == 0 or on_main(start_file.exists)):
             out["probes"] = run_probes(
                 model, self.ctx.bundle, self.inquiries, stage, run_dir / "probes",
                 cfg.eval.batch_size, max(cfg.eval.max_new_tokens, PROBE_TOKENS), self.formats,
-                self.learned(stage), hook("probes"),
+                self.learned(stage), method_hook(method, model, "probes"),
             )
             p = out["probes"]
             log(f"stage {stage}: probes mean words {p['mean_words']:.1f}, short "

@@ -30,6 +30,7 @@ import torch
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import BeforeBatch
+from cl_bench.evaluation.sharding import on_main
 from cl_bench.models.llava import ModelBundle
 
 INSTALL_HINT = "pip install 'cl-bench[lmms]' && pip uninstall -y torchvision"
@@ -85,7 +86,8 @@ class _LoggerState:
 def preserved_global_state() -> Iterator[None]:
     """Restore python/numpy/torch RNG states, logging, warning filters and rank variables.
 
-    Inside, the rank variables say "one process", so each process evaluates on its own.
+    Inside, the rank variables say "one process": every rank of a process group runs lmms-eval
+    alone on the same requests, and the bridge shares the generation out over the ranks.
     """
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -137,7 +139,6 @@ def evaluate_general(
     require_lmms_eval(benchmarks)
     from tasks.micro.bench import LOCAL_BENCHMARKS, write_local_task
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="clbench-lmms-") as tmp, preserved_global_state():
         task_dir = Path(tmp) / "tasks"
         task_dir.mkdir()
@@ -152,7 +153,7 @@ def evaluate_general(
     missing = [b for b in benchmarks if b not in scores and b not in groups]
     if missing:
         raise CLBenchError(f"lmms-eval returned no results for {', '.join(missing)}")
-    write_results(out_dir, scores, results.get("samples", {}))
+    on_main(lambda: write_results(out_dir, scores, results.get("samples", {})))
     return scores
 
 
@@ -172,7 +173,8 @@ def _run_lmms_eval(
     for name in benchmarks:
         if name not in manager.all_tasks:
             raise unknown_benchmark(name, manager.all_tasks)
-    lm = ClBenchLMM(model, bundle, cfg.eval.batch_size, cfg.eval.max_new_tokens, before_batch)
+    lm = ClBenchLMM(model, bundle, cfg.eval.batch_size, cfg.eval.max_new_tokens, before_batch,
+                    cfg.eval.workers)
     try:
         results = simple_evaluate(
             model=lm, tasks=list(benchmarks), task_manager=manager, limit=cfg.eval.limit,
@@ -232,6 +234,7 @@ def metric_table(results: dict) -> dict[str, dict[str, float | None]]:
 
 
 def write_results(out_dir: Path, scores: dict, samples: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(scores, indent=2))
     for task, rows in samples.items():
         with open(out_dir / f"{task}.jsonl", "w") as f:

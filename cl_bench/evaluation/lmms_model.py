@@ -2,7 +2,9 @@
 
 Imported only when lmms-eval is installed (``cl_bench.evaluation.general`` checks first). It
 wraps the live model (no copy) and answers ``generate_until`` through the harness's batched
-greedy generation, with the LLaVA-1.5 prompt the tasks are scored with.
+greedy generation, with the LLaVA-1.5 prompt the tasks are scored with. Every rank of a process
+group runs lmms-eval as one process with the same requests; the answers are computed once,
+shared out over the ranks (``cl_bench.evaluation.sharding``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image
 
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import BeforeBatch, generate_texts
+from cl_bench.evaluation.sharding import gather_rows, my_batches
 from cl_bench.models.batching import collate_batch
 from cl_bench.models.llava import ModelBundle, encode_prompt, load_image
 from cl_bench.models.placement import to_model
@@ -40,9 +43,10 @@ class ClBenchLMM(lmms):
 
     def __init__(
         self, model: torch.nn.Module, bundle: ModelBundle, batch_size: int, max_new_tokens: int,
-        before_batch: BeforeBatch | None = None,
+        before_batch: BeforeBatch | None = None, workers: int | None = 0,
     ) -> None:
         super().__init__()
+        self.workers = workers
         self.model = model
         self.bundle = bundle
         self.batch_size = batch_size
@@ -60,7 +64,7 @@ class ClBenchLMM(lmms):
             prompts = [(parsed[i].text, parsed[i].image) for i in indices]
             texts = generate_texts(
                 self.model, self.bundle, prompts, self.batch_size, max_new_tokens, "lmms-eval",
-                self.before_batch,
+                self.before_batch, workers=self.workers, sharded=True,
             )
             for i, text in zip(indices, texts, strict=True):
                 answers[i] = cut_at(text, parsed[i].until)
@@ -69,7 +73,9 @@ class ClBenchLMM(lmms):
     @torch.no_grad()
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         self.model.eval()
-        return [self._loglikelihood(req) for req in requests]
+        rows = my_batches(range(len(requests)))
+        scores = [self._loglikelihood(requests[row]) for row in rows]
+        return gather_rows(rows, scores, len(requests))
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise CLBenchError("multi-round lmms-eval tasks are not supported by cl-bench's bridge")

@@ -28,6 +28,7 @@ import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import BeforeBatch, generate_texts
+from cl_bench.evaluation.sharding import gather_rows, my_batches, on_main
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import ModelBundle
 from cl_bench.models.placement import to_model
@@ -140,33 +141,40 @@ def language_shift(current: Sequence[torch.Tensor], start: Sequence[torch.Tensor
 @torch.no_grad()
 def final_hidden_states(
     model: torch.nn.Module, bundle: ModelBundle, inquiries: Sequence[Inquiry], batch_size: int,
-    before_batch: BeforeBatch | None = None,
+    before_batch: BeforeBatch | None = None, sharded: bool = False,
 ) -> list[torch.Tensor]:
-    """Each inquiry's last-layer hidden states at its prompt's text tokens (float32, CPU)."""
+    """Each inquiry's last-layer hidden states at its prompt's text tokens (float32, CPU);
+    ``sharded``: the batches dealt out to the ranks, every state gathered on every rank."""
     model.eval()
+    batches = [list(range(start, min(start + batch_size, len(inquiries))))
+               for start in range(0, len(inquiries), batch_size)]
+    rows: list[int] = []
     states: list[torch.Tensor] = []
-    for start in range(0, len(inquiries), batch_size):
-        chunk = inquiries[start : start + batch_size]
-        items = [prompt_item(bundle, q.text, q.image) for q in chunk]
+    for chunk in my_batches(batches) if sharded else batches:
+        items = [prompt_item(bundle, inquiries[i].text, inquiries[i].image) for i in chunk]
         if before_batch is not None:
-            before_batch([(q.text, item["image"]) for q, item in zip(chunk, items, strict=True)])
+            before_batch([(inquiries[i].text, item["image"])
+                          for i, item in zip(chunk, items, strict=True)])
         batch = to_model(collate_batch(items, bundle), model)
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
         keep = batch["attention_mask"].bool() & (batch["input_ids"] != bundle.image_token_id)
         states += [hidden[row][keep[row]].float().cpu() for row in range(len(chunk))]
-    return states
+        rows += chunk
+    return gather_rows(rows, states, len(inquiries), across_ranks=sharded)
 
 
 def probe_model(
     model: torch.nn.Module, bundle: ModelBundle, inquiries: Sequence[Inquiry], batch_size: int,
-    max_new_tokens: int, before_batch: BeforeBatch | None = None,
+    max_new_tokens: int, before_batch: BeforeBatch | None = None, sharded: bool = False,
 ) -> ProbeOutput:
-    """Greedy answers and final hidden states of ``model`` on the inquiries."""
+    """Greedy answers and final hidden states of ``model`` on the inquiries (``sharded``: over
+    the ranks of the process group, every output on every rank)."""
     prompts = [(q.text, q.image) for q in inquiries]
     answers = generate_texts(
-        model, bundle, prompts, batch_size, max_new_tokens, "probes", before_batch
+        model, bundle, prompts, batch_size, max_new_tokens, "probes", before_batch,
+        sharded=sharded,
     )
-    hidden = final_hidden_states(model, bundle, inquiries, batch_size, before_batch)
+    hidden = final_hidden_states(model, bundle, inquiries, batch_size, before_batch, sharded)
     return ProbeOutput([q.id for q in inquiries], answers, hidden)
 
 
@@ -222,9 +230,21 @@ def run_probes(
     folder: Path, batch_size: int, max_new_tokens: int, formats: dict[str, Matcher],
     learned: Sequence[str], before_batch: BeforeBatch | None = None,
 ) -> dict:
-    """Probe ``model`` after ``stage``; stage 0 caches the starting model in ``folder``."""
+    """Probe ``model`` after ``stage``; stage 0 caches the starting model in ``folder``. Under a
+    process group the ranks share the generation; rank 0 writes the files and every rank
+    returns its numbers."""
+    out = probe_model(model, bundle, inquiries, batch_size, max_new_tokens, before_batch,
+                      sharded=True)
+    return on_main(lambda: probe_record(out, inquiries, stage, folder, formats, learned))
+
+
+def probe_record(
+    out: ProbeOutput, inquiries: Sequence[Inquiry], stage: int, folder: Path,
+    formats: dict[str, Matcher], learned: Sequence[str],
+) -> dict:
+    """The stage's probe numbers against the starting model's; writes ``stage_<t>.jsonl`` (and
+    ``start.pt`` at stage 0)."""
     folder.mkdir(parents=True, exist_ok=True)
-    out = probe_model(model, bundle, inquiries, batch_size, max_new_tokens, before_batch)
     start_file = folder / "start.pt"
     if stage == 0:
         torch.save({"ids": out.ids, "answers": out.answers, "hidden": out.hidden}, start_file)

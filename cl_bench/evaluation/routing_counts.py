@@ -6,25 +6,55 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import torch.distributed as dist
+
+from cl_bench.errors import CLBenchError
+from cl_bench.evaluation.sharding import on_main, world
+
 
 class RoutingCounts:
-    """Per evaluated set (``before_generate``'s label), how many samples went to each expert."""
+    """Per evaluated set (``before_generate``'s label), how many samples went to each expert.
+
+    Under a process group each rank counts its own share of the batches; the first ``bool`` or
+    ``write`` (which every rank calls at the same point) sums them over the ranks.
+    """
 
     def __init__(self, experts: list[str]) -> None:
         self.experts = experts
         self.counts: dict[str, list[int]] = {}
+        self._gathered = False
 
     def add(self, label: str, chosen: list[int]) -> None:
+        if self._gathered:
+            raise CLBenchError("routing counts added after they were summed over the ranks")
         counts = self.counts.setdefault(label, [0] * len(self.experts))
         for c in chosen:
             counts[c] += 1
 
     def __bool__(self) -> bool:
-        return bool(self.counts)
+        return bool(self.total())
+
+    def total(self) -> dict[str, list[int]]:
+        """The counts of every rank (a collective under a process group, done once)."""
+        if world()[1] > 1 and not self._gathered:
+            parts: list = [None] * world()[1]
+            dist.all_gather_object(parts, self.counts)
+            total: dict[str, list[int]] = {}
+            for part in parts:
+                for label, counts in part.items():
+                    old = total.get(label, [0] * len(self.experts))
+                    total[label] = [a + b for a, b in zip(old, counts, strict=True)]
+            self.counts = total
+        self._gathered = world()[1] > 1
+        return self.counts
 
     def write(self, run_dir: Path, stage: int) -> dict[str, float | None]:
-        """Write the evaluated-set x expert counts; return each set's routing accuracy (the
-        share routed to the expert of the same name; None where no expert has its name)."""
+        """Write the evaluated-set x expert counts (rank 0); return each set's routing accuracy
+        (the share routed to the expert of the same name; None where no expert has its name)."""
+        self.total()
+        return on_main(lambda: self._write(run_dir, stage))
+
+    def _write(self, run_dir: Path, stage: int) -> dict[str, float | None]:
         accuracy: dict[str, float | None] = {}
         folder = run_dir / "routing"
         folder.mkdir(parents=True, exist_ok=True)

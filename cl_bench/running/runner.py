@@ -20,7 +20,8 @@ import torch
 from cl_bench.config import RunConfig, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import degradation
-from cl_bench.evaluation.generation import TaskResult, evaluate_task
+from cl_bench.evaluation.backends import check_backend, task_answerer
+from cl_bench.evaluation.generation import TaskResult, scored
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.metrics import summarize
 from cl_bench.models.llava import load_llava
@@ -91,22 +92,20 @@ def evaluate_all(
     model, ctx: MethodContext, tasks: list[TaskSpec], test_sets: dict, stage: int,
     folder: RunFolder, method: Method | None = None,
 ) -> dict[str, TaskResult]:
-    """Evaluate every task; ``method.before_generate`` sees each batch (after stage 0)."""
+    """Evaluate every task; ``method.before_generate`` sees each batch (after stage 0). Under a
+    process group the ranks share the generation and each returns every result."""
     cfg = ctx.config
     results = {}
-    for task in tasks:
-        hook = None
-        if method is not None:
-            hook = functools.partial(method.before_generate, model, label=task.name)
-        result = evaluate_task(
-            model, ctx.bundle, task.name, task.answer_type, test_sets[task.name],
-            cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.rule, hook,
-        )
-        folder.write_predictions(stage, result, test_sets[task.name])
-        results[task.name] = result
-        log(f"stage {stage}: {task.name} = {result.score.score:.2f}")
-        for note in result.score.notes:
-            log(f"stage {stage}: {task.name}: {note}")
+    with task_answerer(model, ctx.bundle, cfg, method, folder.path) as answer:
+        for task in tasks:
+            samples = test_sets[task.name]
+            result = scored(task.name, task.answer_type, samples, answer(task.name, samples),
+                            cfg.eval.rule)
+            folder.write_predictions(stage, result, samples)
+            results[task.name] = result
+            log(f"stage {stage}: {task.name} = {result.score.score:.2f}")
+            for note in result.score.notes:
+                log(f"stage {stage}: {task.name}: {note}")
     return results
 
 
@@ -134,6 +133,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     suite = get_suite(cfg.suite)
     spec = get_method(cfg.method)
     options = spec.options(cfg.method_options)
+    check_backend(cfg.eval, cfg.method, spec.cls.capabilities.routes)
     tasks = suite.resolve_order(cfg.order)
     data_root = resolve_data_root(suite, cfg)
     require_valid_data(suite, data_root, tasks, cache_dir() / "verified-images")
