@@ -106,6 +106,7 @@ def moe_layers(model: torch.nn.Module) -> dict[str, MoELoRALinear]:
 
 @register_method(
     "moelora",
+    launchers=("single", "ddp", "zero2"),
     paper="MoELoRA of CoIN (Chen et al., NeurIPS 2024 D&B); baseline in HiDe-LLaVA, LLaVA-c",
     trains="one MoE-LoRA (E experts of rank r/E + a token router per layer), trained on "
            "through all stages, + the projector if lora.train_projector",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -30,6 +31,8 @@ from cl_bench.models.backbones import backbone_of
 from cl_bench.models.batching import ConversationDataset, collate_batch
 from cl_bench.models.llava import ModelBundle
 from cl_bench.models.placement import compute_dtype, device_of
+from cl_bench.running.distributed import world_size
+from cl_bench.running.launch import deepspeed_config
 from tasks.loaders import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], dict[str, torch.Tensor]]
@@ -73,7 +76,9 @@ class MethodTrainer(Trainer):
         )
         if self.extra_loss is not None:
             share = self._extra_share(num_items_in_batch)
-            for name, term in self.extra_loss(model, inputs, outputs).items():
+            # the hooks get the model itself, never the DDP or DeepSpeed wrapper around it
+            unwrapped = self.accelerator.unwrap_model(model)
+            for name, term in self.extra_loss(unwrapped, inputs, outputs).items():
                 loss = loss + share * term
                 self.loss_parts[name] = float(term.detach())
         return (loss, outputs) if return_outputs else loss
@@ -86,6 +91,12 @@ class MethodTrainer(Trainer):
         if not (normalised and self.model.training):
             return 1.0
         return 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
+
+    def _get_train_sampler(self, train_dataset=None) -> RandomSampler:
+        """A shuffle fixed by the data seed alone (not by the global RNG's state), so that one
+        process or N (each taking its slice of every global batch) see the same batches."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.args.data_seed))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -132,22 +143,25 @@ class MethodTrainer(Trainer):
             self.method_state.load_state(json.loads(state_file.read_text()))
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def batch_split(cfg: TrainConfig, processes: int | None = None) -> tuple[int, int]:
+    """(batch per device, accumulation steps) making the global batch (``global_batch_size``,
+    else ``batch_size``) whatever the number of processes: the largest per-device batch up to
+    ``batch_size`` that divides each process's share."""
+    processes = processes or world_size()
+    total = cfg.global_batch_size or cfg.batch_size
+    if total % processes:
+        raise CLBenchError(
+            f"the global batch {total} (train.global_batch_size, else train.batch_size) does "
+            f"not split evenly over {processes} processes"
+        )
+    share = total // processes
+    per_device = next(b for b in range(min(cfg.batch_size, share), 0, -1) if share % b == 0)
+    return per_device, share // per_device
 
 
 def accumulation_steps(cfg: TrainConfig, processes: int | None = None) -> int:
-    """Gradient accumulation making ``global_batch_size`` from ``batch_size`` per device."""
-    processes = processes or world_size()
-    if cfg.global_batch_size is None:
-        return 1
-    per_step = cfg.batch_size * processes
-    if cfg.global_batch_size < per_step or cfg.global_batch_size % per_step:
-        raise CLBenchError(
-            f"train.global_batch_size {cfg.global_batch_size} is not a multiple of "
-            f"train.batch_size {cfg.batch_size} x {processes} process(es)"
-        )
-    return cfg.global_batch_size // per_step
+    """Gradient accumulation steps of ``batch_split``."""
+    return batch_split(cfg, processes)[1]
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
@@ -159,10 +173,12 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
     dtype = compute_dtype(model) if model is not None else torch.float32
     # runs place models on cpu or cuda (placement.resolve_device): the Trainer follows
     on_cpu = model is not None and device_of(model).type != "cuda"
+    per_device, accumulation = batch_split(cfg)
+    deepspeed = str(deepspeed_config(cfg.deepspeed)) if cfg.deepspeed else None
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=accumulation_steps(cfg),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -172,7 +188,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         activation_checkpointing=cfg.gradient_checkpointing,
-        deepspeed=cfg.deepspeed,
+        deepspeed=deepspeed,
+        # DeepSpeed on the CPU (gloo): the Trainer keeps the state train_model set up
+        accelerator_config={"use_configured_state": True} if deepspeed and on_cpu else None,
         logging_steps=10,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=max(cfg.save_steps, 1),
@@ -185,6 +203,19 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
         dataloader_pin_memory=not on_cpu,
         use_cpu=on_cpu,
     )
+
+
+def start_deepspeed(on_cpu: bool) -> None:
+    """Before a Trainer on DeepSpeed: accelerate keeps one DeepSpeed plugin per process, so its
+    state from an earlier Trainer is reset (the process group stays); on the CPU its state is
+    made on gloo first (the Trainer then keeps it: ``use_configured_state``)."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if on_cpu:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
 
 
 def collate_training(items: list[dict], bundle: ModelBundle) -> dict:
@@ -214,6 +245,8 @@ def train_model(
     """
     if cfg.limit is not None:
         samples = random.Random(seed).sample(samples, min(cfg.limit, len(samples)))
+    if cfg.deepspeed:
+        start_deepspeed(on_cpu=device_of(model).type != "cuda")
     trainer = MethodTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, seed, model, report_to),
@@ -226,6 +259,8 @@ def train_model(
     )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     result = trainer.train(resume_from_checkpoint=last)
+    if trainer.is_deepspeed_enabled:  # its gradient hooks would outlive the stage
+        trainer.model_wrapped.destroy()
     info = {"train_loss": float(result.training_loss), **trainer.loss_parts}
     if last is not None:  # the Trainer averages the loss over the steps after the resume
         info["resumed_from_step"] = int(Path(last).name.rpartition("-")[2])
