@@ -19,10 +19,8 @@ import pytest
 from safetensors.torch import load_file
 
 from cl_bench.cli import main, without_nproc
-from cl_bench.config import TrainConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.running.launch import check_launcher, deepspeed_config, launcher_of, zero_stage
-from cl_bench.running.training import batch_split
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARABLE = ["--quick", "--order", "RA", "--general", "none", "--set", "eval.max_new_tokens=4",
@@ -132,17 +130,6 @@ def test_a_rank_killed_mid_stage_leaves_a_run_that_resume_completes(runs: dict) 
     assert (killed / "matrix.csv").read_text() == (ddp / "matrix.csv").read_text()
     assert max_difference(weights(killed), weights(ddp)) == 0.0
     assert not (killed / "checkpoints" / "stage_1").exists()
-
-
-def test_the_global_batch_stays_whatever_the_number_of_processes() -> None:
-    cfg = TrainConfig(batch_size=8, global_batch_size=24)
-    for processes, split in ((1, (8, 3)), (2, (6, 2)), (3, (8, 1)), (8, (3, 1))):
-        per_device, accumulation = batch_split(cfg, processes)
-        assert (per_device, accumulation) == split
-        assert per_device * accumulation * processes == 24
-    assert batch_split(TrainConfig(batch_size=16), 2) == (8, 1)  # the global batch: 16
-    with pytest.raises(CLBenchError, match="does not split evenly over 5 processes"):
-        batch_split(cfg, 5)
 
 
 def test_deepspeed_configs_and_zero3_refusal(tmp_path: Path) -> None:
