@@ -72,31 +72,31 @@ def timing_section(run_dir: Path) -> str:
     return "## Stages\n\n" + markdown_table(["stage", "train s", "eval s", "train loss"], rows)
 
 
+ENVIRONMENT_KEYS = ("device", "device_name", "dtype", "world_size", "launcher", "git_commit",
+                    "base_model", "base_model_fingerprint", "config_sha256")
+
+
 def environment_section(run_dir: Path) -> str:
-    """What the run started on and, stage by stage, anything that differed (a resume elsewhere,
-    or under changed code with --force)."""
-    start = Run(Path(run_dir)).environment
+    """What the run started on (its first record's environment, else config.yaml's) and the
+    stages that ran elsewhere (a resume on other hardware, or under changed code with --force)."""
+    records = read_records(run_dir)
+    start = (records[0].get("environment") if records else None) or Run(run_dir).environment
     if not start:
         return ""
-    packages = start.get("packages", {})
-    rows = [["packages", ", ".join(f"{k} {v or '-'}" for k, v in packages.items())],
-            *[[key, str(start.get(key, "-"))] for key in ENVIRONMENT_KEYS]]
+    packages = ", ".join(f"{k} {v or '-'}" for k, v in start.get("packages", {}).items())
+    rows = [["packages", packages], *[[key, str(start.get(key, "-"))] for key in ENVIRONMENT_KEYS]]
     text = "## Environment\n\n" + markdown_table(["", "at the start"], rows)
     changes = []
-    for record in read_records(run_dir):
+    for record in records:
         env = record.get("environment") or {}
-        diff = [f"{k} {start.get(k)} -> {env[k]}" for k in ("packages", *ENVIRONMENT_KEYS)
-                if k in env and env[k] != start.get(k)]
-        if diff:
-            changes.append(f"- stage {record['stage']}: " + "; ".join(
-                d if not d.startswith("packages") else "package versions changed" for d in diff))
+        changed = [k for k in ("packages", *ENVIRONMENT_KEYS)
+                   if k in env and env[k] != start.get(k)]
+        if changed:
+            changes.append(f"- stage {record['stage']}: " + ", ".join(
+                "package versions" if k == "packages" else f"{k} {env[k]}" for k in changed))
     if changes:
         text += "\n\nStages that ran in another environment:\n\n" + "\n".join(changes)
     return text
-
-
-ENVIRONMENT_KEYS = ("device", "device_name", "dtype", "world_size", "launcher", "git_commit",
-                    "base_model", "base_model_fingerprint", "config_sha256")
 
 
 FIGURE_CAPTIONS = {

@@ -16,7 +16,6 @@ from cl_bench.models.llava import load_llava
 from cl_bench.models.lora import add_lora, projector
 from cl_bench.running.training import (
     MethodTrainer,
-    accumulation_steps,
     batch_split,
     training_arguments,
 )
@@ -99,7 +98,7 @@ def test_the_global_batch_stays_whatever_the_number_of_processes() -> None:
     for processes, split in ((1, (8, 3)), (2, (6, 2)), (3, (8, 1)), (8, (3, 1))):
         assert batch_split(cfg, processes) == split
         assert split[0] * split[1] * processes == 24
-    assert accumulation_steps(TrainConfig(batch_size=8, global_batch_size=128), 8) == 2
+    assert batch_split(TrainConfig(batch_size=8, global_batch_size=128), 8) == (8, 2)
     assert batch_split(TrainConfig(batch_size=16), 2) == (8, 1)  # the global batch: 16
     with pytest.raises(CLBenchError, match="global batch 24 .* does not split evenly over 5"):
         batch_split(cfg, 5)

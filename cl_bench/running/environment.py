@@ -20,7 +20,6 @@ from cl_bench.models.placement import compute_dtype, device_of
 from cl_bench.running.distributed import world_size
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "lmms_eval", "deepspeed")
-CODE_KEYS = ("cl_bench", "git_commit")  # what --resume calls the code version
 
 
 def package_versions() -> dict[str, str | None]:

@@ -138,9 +138,6 @@ class MethodTrainer(Trainer):
                 if name not in params:
                     raise CLBenchError(f"{folder}: parameter {name} is not in the model")
                 params[name].copy_(value)
-        state_file = folder / METHOD_STATE_FILE
-        if self.method_state is not None and state_file.is_file():
-            self.method_state.load_state(json.loads(state_file.read_text()))
 
 
 def batch_split(cfg: TrainConfig, processes: int | None = None) -> tuple[int, int]:
@@ -157,11 +154,6 @@ def batch_split(cfg: TrainConfig, processes: int | None = None) -> tuple[int, in
     share = total // processes
     per_device = next(b for b in range(min(cfg.batch_size, share), 0, -1) if share % b == 0)
     return per_device, share // per_device
-
-
-def accumulation_steps(cfg: TrainConfig, processes: int | None = None) -> int:
-    """Gradient accumulation steps of ``batch_split``."""
-    return batch_split(cfg, processes)[1]
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
@@ -258,6 +250,11 @@ def train_model(
         method_state=method_state,
     )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is not None and method_state is not None:
+        # here, not in _load_from_checkpoint, which the Trainer skips under DeepSpeed
+        state_file = Path(last) / METHOD_STATE_FILE
+        if state_file.is_file():
+            method_state.load_state(json.loads(state_file.read_text()))
     result = trainer.train(resume_from_checkpoint=last)
     if trainer.is_deepspeed_enabled:  # its gradient hooks would outlive the stage
         trainer.model_wrapped.destroy()
