@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cl_bench.running.environment as environment  # noqa: E402
 import cl_bench.running.runner as runner  # noqa: E402
 from cl_bench.cli import main  # noqa: E402
 from cl_bench.running.distributed import rank  # noqa: E402
@@ -34,6 +35,7 @@ def killing(kill: dict):
 
 
 if __name__ == "__main__":
+    environment.git_commit = lambda: "test-checkout"  # as tests/conftest.py pins it
     plan = json.loads(Path(sys.argv[1]).read_text())
     real_train = runner.train_model
     for index, argv in enumerate(plan["runs"]):

@@ -62,9 +62,13 @@ def runs(tmp_path_factory, ucit_root: Path, tiny_llava: Path, tiny_clip: Path) -
     out["killed_log"] = killed.stdout + killed.stderr
     assert (out["killed"] / "records.jsonl").exists(), out["killed_log"][-5000:]
     out["killed_records"] = (out["killed"] / "records.jsonl").read_text()
+    out["llava_c/zero2_bf16"] = tmp / "zero2_bf16" / "llava_c"
     resumed = torchrun([["run", "--out", str(out["killed"]), "--resume"],
                         argv("finetune", out["finetune/zero2"], ucit_root, tiny_llava,
-                             "--deepspeed", "zero2")], tmp)
+                             "--deepspeed", "zero2"),
+                        argv("llava_c", out["llava_c/zero2_bf16"], ucit_root, tiny_llava,
+                             "--deepspeed", "zero2", "--set", "model.dtype=bf16",
+                             *extra["llava_c"])], tmp)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
     for method in extra:
         assert main(argv(method, out[f"{method}/single"], ucit_root, tiny_llava,
@@ -120,6 +124,16 @@ def test_zero2_gives_the_single_process_run_within_rounding(runs: dict) -> None:
     # float32 rounding, ~1e-7 per step on values of ~1e-2 (measured: 3e-7 after 6 steps)
     assert max_difference(weights(single), weights(zero2)) < 1e-5
     assert (zero2 / "matrix.csv").read_text() == (single / "matrix.csv").read_text()
+
+
+@pytest.mark.slow
+def test_zero2_in_bf16_gives_back_float32_trained_weights(runs: dict) -> None:
+    """DeepSpeed's bf16 mode casts the model's parameters to bf16; what trains comes back in
+    float32 from its master weights, so consolidation keeps the update (LLaVA-c, UIR on)."""
+    run = runs["llava_c/zero2_bf16"]
+    assert [r["stage"] for r in records(run)] == [0, 1, 2]
+    assert records(run)[-1]["environment"]["dtype"] == "bfloat16"
+    assert {str(v.dtype) for v in weights(run).values()} == {"torch.float32"}
 
 
 @pytest.mark.slow

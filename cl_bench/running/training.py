@@ -30,7 +30,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.models.backbones import backbone_of
 from cl_bench.models.batching import ConversationDataset, collate_batch
 from cl_bench.models.llava import ModelBundle
-from cl_bench.models.placement import compute_dtype, device_of
+from cl_bench.models.placement import compute_dtype, device_of, is_low_precision
 from cl_bench.running.distributed import world_size
 from cl_bench.running.launch import deepspeed_config
 from tasks.loaders import Sample
@@ -210,6 +210,29 @@ def start_deepspeed(on_cpu: bool) -> None:
         PartialState(backend="gloo")
 
 
+def float32_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """The float32 parameters of a model, before DeepSpeed's bf16/fp16 mode casts them all: what
+    trains by name (DeepSpeed keeps its float32 master copy), frozen ones with a CPU copy."""
+    if not is_low_precision(compute_dtype(model)):
+        return {}
+    return {name: None if p.requires_grad else p.detach().cpu().clone()
+            for name, p in model.named_parameters() if p.dtype == torch.float32}
+
+
+def restore_float32(model: torch.nn.Module, kept: dict[str, torch.Tensor | None]) -> None:
+    """Put back in float32 what DeepSpeed cast to its working precision: trained parameters from
+    DeepSpeed's float32 master weights (every rank takes part), frozen ones from their copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in model.named_parameters():
+        if name not in kept or param.dtype == torch.float32:
+            continue
+        value = kept[name] if kept[name] is not None else safe_get_full_fp32_param(param)
+        if value is None:
+            raise CLBenchError(f"DeepSpeed holds no float32 master copy of {name}")
+        param.data = value.to(param.device, torch.float32)
+
+
 def collate_training(items: list[dict], bundle: ModelBundle) -> dict:
     """A right-padded training batch with its rows' (first question, image) for hooks."""
     batch = collate_batch(items, bundle)
@@ -255,9 +278,11 @@ def train_model(
         state_file = Path(last) / METHOD_STATE_FILE
         if state_file.is_file():
             method_state.load_state(json.loads(state_file.read_text()))
+    kept = float32_parameters(model) if cfg.deepspeed else {}
     result = trainer.train(resume_from_checkpoint=last)
-    if trainer.is_deepspeed_enabled:  # its gradient hooks would outlive the stage
-        trainer.model_wrapped.destroy()
+    if trainer.is_deepspeed_enabled:
+        restore_float32(model, kept)
+        trainer.model_wrapped.destroy()  # its gradient hooks would outlive the stage
     info = {"train_loss": float(result.training_loss), **trainer.loss_parts}
     if last is not None:  # the Trainer averages the loss over the steps after the resume
         info["resumed_from_step"] = int(Path(last).name.rpartition("-")[2])
