@@ -57,16 +57,17 @@ def launcher_of(deepspeed: str | None, processes: int | None = None) -> str:
 
 def check_launcher(method: str, declared: tuple[str, ...], used: str) -> None:
     """Refuse, before any work, a launcher the method does not declare."""
-    if used in declared or (used == "single" and not declared):
+    if used in declared:
         return
     why = {
         "zero3": "ZeRO-3 partitions the weights, which its merging, deltas, saving or "
                  "generation between steps would have to gather",
         "zero2": "it is not verified under DeepSpeed ZeRO-2",
         "ddp": "its state or extra losses are not verified identical across processes",
-    }.get(used, "")
-    raise CLBenchError(f"method {method} does not support the {used} launcher ({why}); it "
-                       f"declares launchers: {', '.join(declared)} (see clbench list)")
+    }.get(used)
+    raise CLBenchError(f"method {method} does not support the {used} launcher"
+                       + (f" ({why})" if why else "") + f"; it declares launchers: "
+                       f"{', '.join(declared)} (see clbench list)")
 
 
 def relaunch(argv: list[str], processes: int) -> int:
