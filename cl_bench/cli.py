@@ -70,27 +70,64 @@ def cmd_run(args: argparse.Namespace) -> None:
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
         "report_to": args.report_to,
-        "model.device": args.device,
+        "model.device": args.device, "train.deepspeed": args.deepspeed,
     }
+    if args.nproc is not None and not launched():
+        from cl_bench.running.launch import relaunch
+
+        code = relaunch(without_nproc(args.argv), args.nproc)
+        if code:
+            raise CLBenchError(f"the run under torchrun --nproc_per_node {args.nproc} failed "
+                               f"(exit status {code}; its error is above)")
+        return
     if args.resume:
         if not args.out:
             raise CLBenchError("--resume needs --out RUN_DIR (the run folder to continue)")
         if (Path(args.out) / "grid.json").exists():
             return run_grid_command(grid.Grid.reopen(Path(args.out)))
-        cfg = config.RunConfig(out=args.out)
-    else:
-        overrides = list(args.set)
-        if args.limit is not None:
-            overrides += [f"train.limit={args.limit}", f"eval.limit={args.limit}"]
-        methods = grid.parse_methods(args.method)
-        if args.seeds is not None or len(methods) > 1:
-            fields["method"] = methods[0]
-            template = config.resolve(args.config, overrides, suite_defaults, **fields)
-            seeds = grid.parse_seeds(args.seeds) if args.seeds else [template.seed]
-            out = Path(args.out or f"runs/{template.suite}-grid")
-            return run_grid_command(grid.Grid.create(template, methods, seeds, out))
-        cfg = config.resolve(args.config, overrides, suite_defaults, **fields)
-    print(run(cfg, resume=args.resume))
+        return report_path(run(config.RunConfig(out=args.out), resume=True, force=args.force,
+                               overrides=args.set))
+    overrides = list(args.set)
+    if args.limit is not None:
+        overrides += [f"train.limit={args.limit}", f"eval.limit={args.limit}"]
+    methods = grid.parse_methods(args.method)
+    if args.seeds is not None or len(methods) > 1:
+        if launched():
+            raise CLBenchError("a grid (several methods or --seeds) runs one process per "
+                               "run: launch each run under torchrun or --nproc instead")
+        fields["method"] = methods[0]
+        template = config.resolve(args.config, overrides, suite_defaults, **fields)
+        seeds = grid.parse_seeds(args.seeds) if args.seeds else [template.seed]
+        out = Path(args.out or f"runs/{template.suite}-grid")
+        return run_grid_command(grid.Grid.create(template, methods, seeds, out))
+    report_path(run(config.resolve(args.config, overrides, suite_defaults, **fields)))
+
+
+def report_path(path: Path) -> None:
+    """Print the run folder (once, from rank 0 under a launcher)."""
+    from cl_bench.running.distributed import is_main
+
+    if is_main():
+        print(path)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line without ``--nproc N`` (what each launched process runs)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
+
+
+def launched() -> bool:
+    from cl_bench.running.distributed import launched as under_launcher
+
+    return under_launcher()
 
 
 def run_grid_command(spec: Grid) -> None:
@@ -222,7 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="at most N train and N test samples per task")
     run.add_argument("--quick", action="store_true", help="a smoke run: few samples, few steps")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run (or grid) in --out")
+                     help="continue the run (or grid) in --out (--set may change its config: "
+                     "refused without --force)")
+    run.add_argument("--force", action="store_true", help="--resume even though the config "
+                     "or the code version changed since the run started")
+    run.add_argument("--nproc", type=int, help="run in N processes (one per GPU): relaunches "
+                     "itself under torchrun --nproc_per_node N (DDP unless --deepspeed)")
+    run.add_argument("--deepspeed", help="train through DeepSpeed: zero2, zero2_offload "
+                     "(shipped configs) or a JSON config file; ZeRO-3 only for methods that "
+                     "declare it (clbench list)")
 
     report = sub.add_parser("report", help="rebuild report.md of a run folder")
     report.add_argument("run_dir", type=Path)
@@ -277,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         COMMANDS[args.command](args)
     except CLBenchError as err:

@@ -44,8 +44,10 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation settings; names map onto transformers.TrainingArguments.
 
-    batch_size is per device; global_batch_size (None: batch_size x world size) sets the
-    gradient accumulation. projector_lr (None: learning_rate) is the projector's own rate.
+    global_batch_size (None: batch_size) is the batch of one optimizer step whatever the number
+    of processes; batch_size is the most per device (lowered to divide each process's share),
+    the rest is gradient accumulation. deepspeed: zero2, zero2_offload (shipped configs) or a
+    DeepSpeed JSON file. projector_lr (None: learning_rate) is the projector's own rate.
     save_steps > 0 writes a resumable Trainer checkpoint every that many optimizer steps.
     """
 

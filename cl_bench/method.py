@@ -55,7 +55,9 @@ class MethodContext:
     """What a method may use: the config, the suite's data and the starting model.
 
     ``trained`` names the full parameters any stage trained (the projector): a checkpoint keeps
-    their values beside the consolidated updates.
+    their values beside the consolidated updates. ``writes``: whether this process writes the
+    run folder (rank 0 under a launcher, where every rank runs the same hooks): a method writes
+    files into ``run_dir`` only where it is true.
     """
 
     config: RunConfig
@@ -63,6 +65,7 @@ class MethodContext:
     data_root: Path
     bundle: ModelBundle
     run_dir: Path
+    writes: bool = True
     trained: set[str] = field(default_factory=set)
     _cache: dict = field(default_factory=dict, repr=False)
 

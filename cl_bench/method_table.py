@@ -105,7 +105,9 @@ def methods_markdown() -> str:
         "*kept per task*: what a method keeps for every task learned (its memory growth with "
         "the number of tasks); *routes per sample*: inference picks weights per input, so there "
         "is no single merged checkpoint to serve; *task id at test*: whether inference needs "
-        "the task identity (no method may); *launchers*: the launchers verified with it.", "",
+        "the task identity (no method may); *launchers*: how it may run (single: one process; "
+        "ddp: torchrun / --nproc; zero2: DeepSpeed ZeRO 0-2), declared from what it does "
+        "between steps, others refused up front (docs/gpu.md).", "",
         *capability_rows(methods), "",
         "## Variants", "",
         "A variant is a method run with other option values (`variants.yaml` beside the "

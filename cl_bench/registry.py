@@ -82,7 +82,7 @@ class Capabilities:
     growth: str = "none"  # what is kept per learned task (memory growth with the number of tasks)
     routes: bool = False  # inference routes per sample (so no plain merged checkpoint to serve)
     task_id: bool = False  # needs the task identity at test time (no registered method may)
-    launchers: tuple[str, ...] = ("single",)  # verified launchers: single, ddp, zero2, zero3
+    launchers: tuple[str, ...] = ("single",)  # how it may run: single, ddp, zero2, zero3
     # config defaults the method's paper fixes for the method itself (dotted keys, e.g.
     # {"lora.rank": 128}); above the built-in defaults, below the suite's and the user's
     recipe: dict[str, Any] = field(default_factory=dict)

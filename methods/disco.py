@@ -130,6 +130,7 @@ class Subspace:
 
 @register_method(
     "disco",
+    launchers=("single", "ddp", "zero2"),
     paper="DISCO: Guo et al., Federated Continual Instruction Tuning (ICCV 2025), DKO + SSA",
     trains="one LoRA subspace per task on the base model (or a matching earlier one, continued) "
     "+ the shared projector",

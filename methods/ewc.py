@@ -86,6 +86,9 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: Tensors, anchor: Tensor
 
 @register_method(
     "ewc",
+    # the Fisher is its own backward after training, which ZeRO-2's gradient partitioning
+    # would take over
+    launchers=("single", "ddp"),
     paper="EWC (Kirkpatrick et al., PNAS 2017), eq. 3; a baseline of HiDe-LLaVA Tables 1-2 "
           "and LLaVA-c Table 2 / Fig. 7",
     trains="one LoRA on the language model + the projector, carried across stages "

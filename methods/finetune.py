@@ -6,6 +6,7 @@ from cl_bench.registry import register_method
 
 @register_method(
     "finetune",
+    launchers=("single", "ddp", "zero2"),
     paper="LLaVA-c (Liu et al., 2025): the 'vanilla' sequential fine-tuning baseline",
     trains="a fresh LoRA on the language model + the projector each stage, merged after it",
 )

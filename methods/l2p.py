@@ -128,6 +128,9 @@ class PromptPool(torch.nn.Module):
 
 @register_method(
     "l2p",
+    # the keys train only through the extra loss, outside the model's forward: DDP marks
+    # them unused at the forward and then fails on their gradient
+    launchers=("single",),
     paper="L2P (Wang et al., CVPR 2022), eq. 1-3, 5; as MLLM baseline in HiDe-LLaVA and LLaVA-c",
     trains="a shared pool of prompts and keys only (the whole LLaVA frozen)",
     growth="none (a fixed pool of M prompts)",

@@ -54,6 +54,7 @@ def distillation(current: torch.Tensor, previous: torch.Tensor, temperature: flo
 
 @register_method(
     "lwf",
+    launchers=("single", "ddp", "zero2"),
     paper="LwF (Li & Hoiem, ECCV 2016 / TPAMI 2017), eq. 2-3; a baseline of HiDe-LLaVA "
           "Tables 1-2 and LLaVA-c Table 2 / Fig. 7",
     trains="one LoRA on the language model + the projector, carried across stages "

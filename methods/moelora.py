@@ -76,6 +76,7 @@ def check_options(o: MoELoRAOptions, experts: int | None = None) -> None:
 
 @register_method(
     "moelora",
+    launchers=("single", "ddp", "zero2"),
     paper="MoELoRA of CoIN (Chen et al., NeurIPS 2024 D&B); baseline in HiDe-LLaVA, LLaVA-c",
     trains="one MoE-LoRA (E experts of rank r/E + a token router per layer), trained on "
            "through all stages, + the projector if lora.train_projector",

@@ -7,6 +7,7 @@ from tasks.suite import TaskSpec
 
 @register_method(
     "multitask",
+    launchers=("single", "ddp", "zero2"),
     paper="the joint-training upper bound of both papers",
     trains="one LoRA on the language model + the projector, on every task at once",
 )

@@ -56,6 +56,7 @@ def orthogonality_loss(new: torch.Tensor, previous: Sequence[torch.Tensor],
 
 @register_method(
     "olora",
+    launchers=("single", "ddp", "zero2"),
     paper="O-LoRA (Wang et al., Findings of EMNLP 2023), sec. 3; a baseline of HiDe-LLaVA "
           "Tables 1-2 and LLaVA-c Tables 2-3 / Fig. 7",
     trains="a fresh LoRA on the language model + the projector each stage, the earlier "

@@ -72,6 +72,7 @@ def reservoir_update(buffer: list[T], seen: int, stream: Iterable[T], capacity: 
 
 @register_method(
     "replay",
+    launchers=("single", "ddp", "zero2"),
     paper="Experience replay with a reservoir buffer (Chaudhry et al., 2019; Algorithm R, "
           "Vitter 1985); MCITlib's Replay baseline",
     trains="one LoRA on the language model + the projector, carried across stages "

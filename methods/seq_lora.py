@@ -51,6 +51,7 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
 
 @register_method(
     "seq_lora",
+    launchers=("single", "ddp", "zero2"),
     paper="CoIN (Chen et al., NeurIPS 2024) and MCITlib's LoRA-FT (Guo et al., 2025, by "
           "HiDe-LLaVA's authors): the LoRA fine-tuning baseline",
     trains="one LoRA on the language model + the projector, carried across stages, never merged",

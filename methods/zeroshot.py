@@ -7,6 +7,7 @@ from tasks.suite import TaskSpec
 
 @register_method(
     "zeroshot",
+    launchers=("single", "ddp", "zero2"),
     paper="the zero-shot lower bound of both papers",
     trains="nothing",
 )

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cl_bench.metrics import METRIC_NAMES, aliases_of
+from cl_bench.running import atomic
 from reports.degradation import examples_section, general_section, probes_section
 from reports.method_info import method_section
+from reports.results import Run
 from reports.run_folder import read_matrix, read_records, read_summary
 
 
@@ -70,6 +72,33 @@ def timing_section(run_dir: Path) -> str:
     return "## Stages\n\n" + markdown_table(["stage", "train s", "eval s", "train loss"], rows)
 
 
+ENVIRONMENT_KEYS = ("device", "device_name", "dtype", "world_size", "launcher", "git_commit",
+                    "base_model", "base_model_fingerprint", "config_sha256")
+
+
+def environment_section(run_dir: Path) -> str:
+    """What the run started on (its first record's environment, else config.yaml's) and the
+    stages that ran elsewhere (a resume on other hardware, or under changed code with --force)."""
+    records = read_records(run_dir)
+    start = (records[0].get("environment") if records else None) or Run(run_dir).environment
+    if not start:
+        return ""
+    packages = ", ".join(f"{k} {v or '-'}" for k, v in start.get("packages", {}).items())
+    rows = [["packages", packages], *[[key, str(start.get(key, "-"))] for key in ENVIRONMENT_KEYS]]
+    text = "## Environment\n\n" + markdown_table(["", "at the start"], rows)
+    changes = []
+    for record in records:
+        env = record.get("environment") or {}
+        changed = [k for k in ("packages", *ENVIRONMENT_KEYS)
+                   if k in env and env[k] != start.get(k)]
+        if changed:
+            changes.append(f"- stage {record['stage']}: " + ", ".join(
+                "package versions" if k == "packages" else f"{k} {env[k]}" for k in changed))
+    if changes:
+        text += "\n\nStages that ran in another environment:\n\n" + "\n".join(changes)
+    return text
+
+
 FIGURE_CAPTIONS = {
     "matrix": "Accuracy matrix and each task's change since it was learned",
     "tasks": "Each task's score across stages",
@@ -100,7 +129,7 @@ def write_report(run_dir: Path) -> Path:
              details_section(run_dir),
              timing_section(run_dir),
              method_section(run_dir), general_section(summary), probes_section(summary),
-             examples_section(run_dir)]
+             examples_section(run_dir), environment_section(run_dir)]
     path = run_dir / "report.md"
-    path.write_text("\n\n".join(p for p in parts if p) + "\n")
+    atomic.write_text(path, "\n\n".join(p for p in parts if p) + "\n")
     return path

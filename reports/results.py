@@ -70,13 +70,22 @@ class Run:
     path: Path
 
     @cached_property
-    def config(self) -> dict[str, object]:
-        """The resolved config as dotted keys (``train.learning_rate``, ``method.alpha``)."""
+    def _config_file(self) -> dict:
         file = self.path / "config.yaml"
         try:
-            return flatten(yaml.safe_load(file.read_text()) or {})
+            return yaml.safe_load(file.read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise CLBenchError(f"{file}: not a readable run config ({err})") from None
+
+    @cached_property
+    def config(self) -> dict[str, object]:
+        """The resolved config as dotted keys (``train.learning_rate``, ``method.alpha``)."""
+        return flatten({k: v for k, v in self._config_file.items() if k != "environment"})
+
+    @property
+    def environment(self) -> dict:
+        """What the run started on (versions, device, dtype, processes, code, base model)."""
+        return self._config_file.get("environment") or {}
 
     @cached_property
     def records(self) -> list[dict]:

@@ -147,3 +147,12 @@ def llama_tokenizer(legacy: bool = False, vocab_size: int = 400):
                                extra_special_tokens={"image_token": "<image>"})
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
+
+
+@pytest.fixture(autouse=True)
+def fixed_git_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code version runs record, pinned: a commit or an edit of the checkout while the
+    tests run would otherwise make ``--resume`` refuse the runs the tests resume."""
+    import cl_bench.running.environment
+
+    monkeypatch.setattr(cl_bench.running.environment, "git_commit", lambda: "test-checkout")

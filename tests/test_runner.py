@@ -1,12 +1,14 @@
 """End to end through the CLI on the tiny fixtures: run folder, resume, determinism, bad input."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 import cl_bench.running.runner
 from cl_bench.cli import main
+from cl_bench.errors import CLBenchError
 
 
 def quick_argv(ucit_root: Path, tiny_llava: Path, out: Path, *extra: str) -> list[str]:
@@ -79,3 +81,112 @@ def test_bad_input_is_one_clear_line(
         assert message in err and len(err.splitlines()) == 1, err
     assert (finished / "records.jsonl").read_text() == before
     assert not Path("runs").exists() or not any(Path("runs").glob("ucit-mikro*"))
+
+
+def half_writing_open(real_open):
+    """``open`` whose files, opened to write, die (KeyboardInterrupt) halfway through a write:
+    a process killed while it writes."""
+
+    class Dying:
+        def __init__(self, file) -> None:
+            self.file = file
+
+        def write(self, text: str) -> int:
+            self.file.write(text[: len(text) // 2])
+            self.file.flush()
+            raise KeyboardInterrupt("killed while writing")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.file.close()
+
+    def dying_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return Dying(handle) if any(m in mode for m in "wa") else handle
+
+    return dying_open
+
+
+def test_a_run_killed_while_it_writes_a_record_resumes_to_the_same_matrix(
+    finished: Path, ucit_root: Path, tiny_llava: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import builtins
+
+    from cl_bench.running.run_folder import RunFolder
+
+    real_append, real_open = RunFolder.append_record, builtins.open
+
+    def dies_at_stage_2(folder, record):
+        if record["stage"] == 2:
+            monkeypatch.setattr(builtins, "open", half_writing_open(real_open))
+        try:
+            real_append(folder, record)
+        finally:
+            monkeypatch.setattr(builtins, "open", real_open)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(RunFolder, "append_record", dies_at_stage_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(quick_argv(ucit_root, tiny_llava, out))
+    text = (out / "records.jsonl").read_text()
+    assert text.endswith("\n") and [json.loads(x)["stage"] for x in text.splitlines()] == [0, 1]
+    monkeypatch.setattr(RunFolder, "append_record", real_append)
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    assert (out / "matrix.csv").read_text() == (finished / "matrix.csv").read_text()
+
+
+def test_the_environment_is_in_the_config_every_record_and_the_report(finished: Path) -> None:
+    import yaml
+
+    env = yaml.safe_load((finished / "config.yaml").read_text())["environment"]
+    assert env["packages"]["torch"] and env["packages"]["transformers"]
+    assert {"peft", "lmms_eval", "deepspeed"} <= set(env["packages"])
+    assert (env["device"], env["dtype"], env["world_size"]) == ("cpu", "float32", 1)
+    assert len(env["base_model_fingerprint"]) == 16 and "git_commit" in env
+    for record in (json.loads(x) for x in (finished / "records.jsonl").read_text().splitlines()):
+        assert record["environment"] == env
+    report = (finished / "report.md").read_text()
+    assert "## Environment" in report and env["base_model_fingerprint"] in report
+
+
+def test_resume_refuses_a_changed_config_or_code_unless_forced(
+    finished: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import shutil
+
+    import cl_bench.running.environment
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = (run / "records.jsonl").read_text()
+    assert main(["run", "--out", str(run), "--resume", "--set", "train.learning_rate=1"]) == 2
+    assert "started under another config" in capsys.readouterr().err
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 6", "max_steps: 7"))
+    assert main(["run", "--out", str(run), "--resume"]) == 2
+    assert "config.yaml edited, or --set given" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("max_steps: 7", "max_steps: 6"))
+    monkeypatch.setattr(cl_bench.running.environment, "git_commit", lambda: "0" * 40)
+    assert main(["run", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "started under another code version" in err and "--force" in err
+    assert (run / "records.jsonl").read_text() == before
+    assert main(["run", "--out", str(run), "--resume", "--force"]) == 0
+    assert "0" * 40 in config.read_text()
+
+
+def test_two_runs_cannot_write_one_folder(finished: Path, tmp_path: Path, capsys) -> None:
+    from cl_bench.running.run_folder import RunLock
+
+    lock = RunLock(finished).acquire()
+    try:
+        assert main(["run", "--out", str(finished), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (pid {os.getpid()}" in err
+        with pytest.raises(CLBenchError, match="in use by another run"):
+            RunLock(finished).acquire()
+    finally:
+        lock.release()
+    RunLock(finished).acquire().release()

@@ -14,7 +14,11 @@ from cl_bench.errors import CLBenchError
 from cl_bench.models.batching import ConversationDataset, collate_batch
 from cl_bench.models.llava import load_llava
 from cl_bench.models.lora import add_lora, projector
-from cl_bench.running.training import MethodTrainer, accumulation_steps, training_arguments
+from cl_bench.running.training import (
+    MethodTrainer,
+    batch_split,
+    training_arguments,
+)
 from tasks.loaders import load_samples
 
 
@@ -89,13 +93,15 @@ def test_the_projector_trains_at_its_own_rate(tiny_llava, mixed_samples) -> None
     assert len(rates) == sum(p.requires_grad for p in trainer.model.parameters())
 
 
-def test_accumulation_follows_the_global_batch_and_the_world_size() -> None:
-    cfg = TrainConfig(batch_size=8, global_batch_size=128)
-    assert accumulation_steps(cfg, 1) == 16 and accumulation_steps(cfg, 8) == 2
-    assert accumulation_steps(TrainConfig(batch_size=8), 4) == 1
-    with pytest.raises(CLBenchError, match="global_batch_size 24 is not a multiple of "
-                                           "train.batch_size 8 x 8 process"):
-        accumulation_steps(TrainConfig(batch_size=8, global_batch_size=24), 8)
+def test_the_global_batch_stays_whatever_the_number_of_processes() -> None:
+    cfg = TrainConfig(batch_size=8, global_batch_size=24)
+    for processes, split in ((1, (8, 3)), (2, (6, 2)), (3, (8, 1)), (8, (3, 1))):
+        assert batch_split(cfg, processes) == split
+        assert split[0] * split[1] * processes == 24
+    assert batch_split(TrainConfig(batch_size=8, global_batch_size=128), 8) == (8, 2)
+    assert batch_split(TrainConfig(batch_size=16), 2) == (8, 1)  # the global batch: 16
+    with pytest.raises(CLBenchError, match="global batch 24 .* does not split evenly over 5"):
+        batch_split(cfg, 5)
 
 
 def test_training_arguments_follow_the_model(tiny_llava) -> None:

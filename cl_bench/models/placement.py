@@ -97,13 +97,15 @@ def is_low_precision(dtype: torch.dtype) -> bool:
 
 def keep_float32(module: torch.nn.Module) -> None:
     """Hold ``module``'s parameters in float32 inside a low-precision model: its inputs are cast
-    to float32 on the way in (the model casts its output back where it needs to)."""
+    to its parameters' dtype on the way in (float32; DeepSpeed's bf16 training casts trained
+    parameters to its working dtype) and the model casts its output back where it needs to."""
     module.float()
     if not getattr(module, "_clbench_float32", False):
-        module.register_forward_pre_hook(_inputs_to_float32)
+        module.register_forward_pre_hook(_inputs_to_parameter_dtype)
         module._clbench_float32 = True
 
 
-def _inputs_to_float32(_module: torch.nn.Module, args: tuple) -> tuple:
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+def _inputs_to_parameter_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)

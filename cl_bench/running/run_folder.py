@@ -3,14 +3,21 @@
 ``config.yaml``, ``matrix.csv``, ``records.jsonl`` (one line per completed stage),
 ``summary.json``, ``predictions/stage_<t>/<task>.jsonl``, ``report.md`` and
 ``checkpoints/stage_<t>/`` (the latest trained stage, written before its evaluation; the one
-before it is removed once that evaluation is recorded). A checkpoint folder appears whole (it is
-written under another name, then renamed), so its presence means the stage's training is kept.
+before it is removed once that evaluation is recorded). Every file appears whole
+(``cl_bench.running.atomic``) and a checkpoint folder is written under another name, then
+renamed, so its presence means the stage's training is kept. ``config.yaml`` holds the resolved
+config and, under ``environment``, what the run started on (``cl_bench.running.environment``).
+Only one process writes a folder: rank 0 under a launcher, holding ``.lock`` (``RunLock``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,10 @@ import yaml
 from cl_bench.config import RunConfig, from_dict, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import TaskResult
+from cl_bench.running import atomic
 from tasks.loaders import Sample
+
+ENVIRONMENT_KEY = "environment"  # config.yaml's section beside the config
 
 TRAINING_FILE = "training.json"  # in a checkpoint: the stage's training metrics and time
 
@@ -38,28 +48,33 @@ class RunFolder:
         return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
     def append_record(self, record: dict) -> None:
-        with open(self.path / "records.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        atomic.append_line(self.path / "records.jsonl", json.dumps(record))
 
-    def write_config(self, cfg: RunConfig) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    def write_config(self, cfg: RunConfig, environment: dict) -> None:
+        data = {**to_dict(cfg), ENVIRONMENT_KEY: environment}
+        atomic.write_text(self.path / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
     def read_config(self) -> RunConfig:
-        return from_dict(yaml.safe_load((self.path / "config.yaml").read_text()), "config.yaml")
+        data = yaml.safe_load((self.path / "config.yaml").read_text())
+        data.pop(ENVIRONMENT_KEY, None)
+        return from_dict(data, str(self.path / "config.yaml"))
+
+    def read_environment(self) -> dict:
+        """The environment the run started on (or last resumed with --force); {} if unknown."""
+        data = yaml.safe_load((self.path / "config.yaml").read_text())
+        return data.get(ENVIRONMENT_KEY) or {}
 
     def write_predictions(self, stage: int, result: TaskResult, samples: list[Sample]) -> None:
         folder = self.path / "predictions" / f"stage_{stage}"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{result.task}.jsonl", "w") as f:
-            for s in samples:
-                row = {
-                    "question_id": s.id,
-                    "question": s.question,
-                    "prediction": result.predictions[s.id],
-                    "references": list(s.references),
-                    "score": result.score.per_sample.get(s.id),
-                }
-                f.write(json.dumps(row) + "\n")
+        rows = ({
+            "question_id": s.id,
+            "question": s.question,
+            "prediction": result.predictions[s.id],
+            "references": list(s.references),
+            "score": result.score.per_sample.get(s.id),
+        } for s in samples)
+        atomic.write_lines(folder / f"{result.task}.jsonl", (json.dumps(r) for r in rows))
 
     def write_matrix(self, tasks: list[str]) -> list[list[float]]:
         rows = self.records()
@@ -67,7 +82,7 @@ class RunFolder:
         for r in rows:
             scores = [f"{r['scores'][t]:.2f}" for t in tasks]
             lines.append(",".join([str(r["stage"]), "+".join(r["trained_on"]) or "-", *scores]))
-        (self.path / "matrix.csv").write_text("\n".join(lines) + "\n")
+        atomic.write_lines(self.path / "matrix.csv", lines)
         return [[r["scores"][t] for t in tasks] for r in rows]
 
     def checkpoint(self, stage: int) -> Path:
@@ -107,7 +122,8 @@ def reopen_folder(cfg: RunConfig) -> RunFolder:
 
 
 def create_folder(cfg: RunConfig) -> RunFolder:
-    """A new run folder with its config; never overwrites a run already there."""
+    """A new run folder (its config is written once the environment is known); never one that
+    already holds a run."""
     path = run_path(cfg)
     if (path / "records.jsonl").exists():
         raise CLBenchError(
@@ -115,6 +131,37 @@ def create_folder(cfg: RunConfig) -> RunFolder:
             "or --out for a new folder"
         )
     path.mkdir(parents=True, exist_ok=True)
-    folder = RunFolder(path)
-    folder.write_config(cfg)
-    return folder
+    return RunFolder(path)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, an OS lock the kernel releases when the
+    process ends, however it ends), so two runs never write one folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CLBenchError(
+                f"run folder {self.file.parent} is in use by another run ({holder}): wait for "
+                "it to end, or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None

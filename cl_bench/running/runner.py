@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cl_bench.config import RunConfig, to_dict
+from cl_bench.config import RunConfig, set_key, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import degradation
 from cl_bench.evaluation.backends import check_backend, task_answerer
@@ -25,9 +25,20 @@ from cl_bench.evaluation.generation import TaskResult, scored
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.metrics import summarize
 from cl_bench.models.llava import load_llava
-from cl_bench.models.placement import compute_dtype, device_of
+from cl_bench.models.placement import compute_dtype, device_of, resolve_device
 from cl_bench.registry import call_target, get_method, get_suite
-from cl_bench.running.run_folder import TRAINING_FILE, RunFolder, create_folder, reopen_folder
+from cl_bench.running import atomic
+from cl_bench.running.distributed import from_main, init_processes, is_main, on_main, world_size
+from cl_bench.running.environment import code_version, environment
+from cl_bench.running.launch import check_launcher, launcher_of
+from cl_bench.running.run_folder import (
+    TRAINING_FILE,
+    RunFolder,
+    RunLock,
+    create_folder,
+    reopen_folder,
+    run_path,
+)
 from cl_bench.running.training import MethodState, train_model
 from tasks.data_check import require_valid_data
 from tasks.loaders import load_test_samples
@@ -35,7 +46,9 @@ from tasks.suite import Suite, TaskSpec
 
 
 def log(message: str) -> None:
-    print(f"[clbench] {message}", file=sys.stderr, flush=True)
+    """Progress on stderr, from rank 0 only under a launcher (errors come from every rank)."""
+    if is_main():
+        print(f"[clbench] {message}", file=sys.stderr, flush=True)
 
 
 def cache_dir() -> Path:
@@ -101,7 +114,8 @@ def evaluate_all(
             samples = test_sets[task.name]
             result = scored(task.name, task.answer_type, samples, answer(task.name, samples),
                             cfg.eval.rule)
-            folder.write_predictions(stage, result, samples)
+            if is_main():
+                folder.write_predictions(stage, result, samples)
             results[task.name] = result
             log(f"stage {stage}: {task.name} = {result.score.score:.2f}")
             for note in result.score.notes:
@@ -120,30 +134,56 @@ def stage_record(stage: Stage | None, results: dict[str, TaskResult], extra: dic
     }
 
 
-def run(cfg: RunConfig, resume: bool = False) -> Path:
-    """Run (or resume) a whole protocol; returns the run folder."""
+def run(cfg: RunConfig, resume: bool = False, force: bool = False,
+        overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Run (or resume) a whole protocol; returns the run folder.
+
+    Under a launcher every rank runs this; rank 0 alone writes the run folder (holding its
+    lock) and evaluates, the others wait for it (``cl_bench.running.distributed``).
+    """
     from reports.trackers import Trackers, check_trackers
 
     started = time.time()
     if resume:
-        path = reopen_folder(cfg).path
-        cfg = RunFolder(path).read_config()
-        cfg.out = str(path)
+        cfg = resumed_config(cfg, overrides)
+    init_processes(resolve_device(cfg.model.device))
     check_trackers(cfg.report_to)
     suite = get_suite(cfg.suite)
     spec = get_method(cfg.method)
+    launcher = launcher_of(cfg.train.deepspeed)
+    check_launcher(cfg.method, spec.cls.capabilities.launchers, launcher)
     options = spec.options(cfg.method_options)
     check_backend(cfg.eval, cfg.method, spec.cls.capabilities.routes)
     tasks = suite.resolve_order(cfg.order)
-    data_root = resolve_data_root(suite, cfg)
-    require_valid_data(suite, data_root, tasks, cache_dir() / "verified-images")
-    folder = reopen_folder(cfg) if resume else create_folder(cfg)
-    trackers = Trackers(cfg.report_to, folder.path, to_dict(cfg))
-    test_sets = load_test_sets(suite, tasks, data_root, cfg)
-    bundle = load_llava(resolve_model(suite, cfg), cfg.model)
-    log(f"model on {device_of(bundle.model)} in {compute_dtype(bundle.model)}")
-    ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
-    method: Method = spec.cls(options, ctx)
+    data_root = from_main(lambda: resolve_data_root(suite, cfg))
+    on_main(lambda: require_valid_data(suite, data_root, tasks, cache_dir() / "verified-images"))
+    model_folder = from_main(lambda: resolve_model(suite, cfg))
+    lock = RunLock(run_path(cfg)) if is_main() else None
+    try:
+        folder = from_main(lambda: open_folder(cfg, resume, lock))
+        bundle = load_llava(model_folder, cfg.model)
+        log(f"model on {device_of(bundle.model)} in {compute_dtype(bundle.model)} "
+            f"({launcher}, {world_size()} process(es))")
+        env = environment(bundle.model, model_folder, comparable_config(cfg), launcher)
+        on_main(lambda: start_folder(folder, cfg, env, resume, force))
+        trackers = Trackers(cfg.report_to if is_main() else [], folder.path, to_dict(cfg))
+        ctx = MethodContext(cfg, suite, data_root, bundle, folder.path, writes=is_main())
+        run_stages(spec.cls(options, ctx), ctx, tasks, folder, trackers, env)
+        names = [t.name for t in tasks]
+        on_main(lambda: write_summary(folder, cfg, names, folder.write_matrix(names),
+                                      time.time() - started))
+        trackers.finish()
+    finally:
+        if lock is not None:
+            lock.release()
+    return folder.path
+
+
+def run_stages(method: Method, ctx: MethodContext, tasks: list[TaskSpec], folder: RunFolder,
+               trackers, env: dict) -> None:
+    """Evaluate the starting model (unless resuming), then run every stage not yet recorded."""
+    cfg, bundle = ctx.config, ctx.bundle
+    test_sets = load_test_sets(ctx.suite, tasks, ctx.data_root, cfg)
     stages = method.plan(tasks)
     for stage in stages:
         for task in stage.tasks:
@@ -154,10 +194,11 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     model = bundle.model
     if done == 0:
         log(f"{cfg.method} on {cfg.suite}: evaluating the starting model on {len(tasks)} tasks")
-        set_seed(cfg.seed)
+        set_seed(cfg.seed)  # every rank evaluates its share; rank 0 writes
         results = evaluate_all(bundle.model, ctx, tasks, test_sets, 0, folder)
-        folder.append_record(stage_record(None, results, checks.measure(bundle.model, 0)))
-        trackers.log_stage()
+        extra = {**checks.measure(bundle.model, 0), "environment": env}
+        on_main(lambda: (folder.append_record(stage_record(None, results, extra)),
+                         trackers.log_stage()))
     else:
         trained = folder.last_checkpoint()
         log(f"resuming {folder.path} after stage {done - 1}"
@@ -165,13 +206,17 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         if trained:
             model = method.load(folder.checkpoint(trained))
     for stage in stages[done - 1 if done else 0 :]:
-        model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder, checks)
-        folder.write_matrix(names)
-        trackers.log_stage()
-    matrix = folder.write_matrix(names)
-    write_summary(folder, cfg, names, matrix, time.time() - started)
-    trackers.finish()
-    return folder.path
+        model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder, checks,
+                          env)
+        on_main(lambda: (folder.write_matrix(names), trackers.log_stage()))
+
+
+def keep_record(folder: RunFolder, record: dict, stage: int) -> None:
+    """Append the stage's record, then drop the previous stage's checkpoint."""
+    folder.append_record(record)
+    previous = folder.checkpoint(stage - 1)
+    if previous.exists():
+        shutil.rmtree(previous)
 
 
 def drop_trainer_checkpoints(trainer_dir: Path) -> None:
@@ -185,11 +230,11 @@ def drop_trainer_checkpoints(trainer_dir: Path) -> None:
 
 def run_stage(
     method: Method, model, stage: Stage, total: int, tasks: list[TaskSpec], test_sets: dict,
-    folder: RunFolder, checks: degradation.Degradation | None = None,
+    folder: RunFolder, checks: degradation.Degradation | None = None, env: dict | None = None,
 ):
     """Train and consolidate one stage and checkpoint it, then evaluate it (tasks, then general
     benchmarks and probes). A stage already checkpointed (a crash during its evaluation) is only
-    evaluated."""
+    evaluated. Every rank trains, consolidates and evaluates its share; rank 0 writes."""
     ctx = method.context
     checkpoint = folder.checkpoint(stage.index)
     peak = PeakMemory(device_of(model))
@@ -212,10 +257,16 @@ def run_stage(
         )
         model = method.after_stage(model, stage)
         done = {"train": train_info, "seconds": round(time.time() - t0, 2), **peak.read("train")}
-        folder.write_checkpoint(stage.index, lambda path: method.save(model, path), done)
-        drop_trainer_checkpoints(trainer_dir)
-    t1 = time.time()
+
+        def keep_training() -> None:
+            folder.write_checkpoint(stage.index, lambda path: method.save(model, path), done)
+            drop_trainer_checkpoints(trainer_dir)
+
+        on_main(keep_training)
     evaluated = method.eval_model(model)
+
+    # every rank evaluates its share of each test set (sharded generation); rank 0 writes
+    t1 = time.time()
     results = evaluate_all(evaluated, ctx, tasks, test_sets, stage.index, folder, method)
     t2 = time.time()
     measured = checks.measure(evaluated, stage.index, method) if checks else {}
@@ -229,11 +280,66 @@ def run_stage(
         extra["memory_gb"] = memory
     if diagnostics:
         extra["method"] = diagnostics
-    folder.append_record(stage_record(stage, results, extra))
-    previous = folder.checkpoint(stage.index - 1)
-    if previous.exists():
-        shutil.rmtree(previous)
+    if env:
+        extra["environment"] = env
+    on_main(lambda: keep_record(folder, stage_record(stage, results, extra), stage.index))
     return model
+
+
+def open_folder(cfg: RunConfig, resume: bool, lock: RunLock) -> RunFolder:
+    """The run folder, locked by this process before anything in it is read or written."""
+    if resume:
+        reopen_folder(cfg)
+    lock.acquire()
+    return reopen_folder(cfg) if resume else create_folder(cfg)
+
+
+def comparable_config(cfg: RunConfig) -> dict:
+    """The config as ``--resume`` compares it: everything but where the run folder is."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "out"}
+
+
+def resumed_config(cfg: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """The config of the run in ``cfg.out``, with ``--set`` overrides applied."""
+    folder = reopen_folder(cfg)
+    resumed = folder.read_config()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLBenchError(f"--set {item!r}: expected key=value")
+        set_key(resumed, key.strip(), value, "--set")
+    resumed.out = str(folder.path)
+    return resumed
+
+
+def start_folder(folder: RunFolder, cfg: RunConfig, env: dict, resume: bool,
+                 force: bool) -> None:
+    """Write the config and environment of a new run; on resume, refuse (unless ``force``) a
+    config or code version other than the run's, and record a forced change."""
+    if not resume:
+        folder.write_config(cfg, env)
+        return
+    before = folder.read_environment()
+    if not before:
+        log(f"{folder.path}/config.yaml records no environment (an older run): not compared")
+        return
+    changes = []
+    if before.get("config_sha256") != env["config_sha256"]:
+        changes.append(f"the config (sha256 {before.get('config_sha256')} -> "
+                       f"{env['config_sha256']}: config.yaml edited, or --set given)")
+    if code_version(before) != code_version(env):
+        changes.append(f"the code version ({code_version(before)} -> {code_version(env)})")
+    if not changes:
+        return
+    what = " and ".join(changes)
+    if not force:
+        raise CLBenchError(
+            f"--resume: {folder.path} started under another {what.removeprefix('the ')}; "
+            "continuing would mix them in one run. Start a new run (--out), or add --force to "
+            "continue anyway (each stage's record keeps the environment it ran in)"
+        )
+    log(f"--resume --force: continuing with changed {what}")
+    folder.write_config(cfg, env)
 
 
 class PeakMemory:
@@ -273,6 +379,6 @@ def write_summary(
         summary["general"] = general
     if probes := degradation.summary_probes(records):
         summary["probes"] = probes
-    (folder.path / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_text(folder.path / "summary.json", json.dumps(summary, indent=2))
     write_report(folder.path)
     log(f"done: {folder.path} (Avg {summary.get('Avg')}, Last {summary['Last']:.2f})")

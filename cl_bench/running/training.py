@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -29,7 +30,9 @@ from cl_bench.errors import CLBenchError
 from cl_bench.models.backbones import backbone_of
 from cl_bench.models.batching import ConversationDataset, collate_batch
 from cl_bench.models.llava import ModelBundle
-from cl_bench.models.placement import compute_dtype, device_of
+from cl_bench.models.placement import compute_dtype, device_of, is_low_precision
+from cl_bench.running.distributed import world_size
+from cl_bench.running.launch import deepspeed_config
 from tasks.loaders import Sample
 
 ExtraLoss = Callable[[torch.nn.Module, dict, object], dict[str, torch.Tensor]]
@@ -84,7 +87,9 @@ class MethodTrainer(Trainer):
         )
         if self.extra_loss is not None:
             share = self._extra_share(num_items_in_batch)
-            for name, term in self.extra_loss(model, inputs, outputs).items():
+            # the hooks get the model itself, never the DDP or DeepSpeed wrapper around it
+            unwrapped = self.accelerator.unwrap_model(model)
+            for name, term in self.extra_loss(unwrapped, inputs, outputs).items():
                 loss = loss + share * term
                 self.loss_parts[name] = float(term.detach())
         return (loss, outputs) if return_outputs else loss
@@ -97,6 +102,12 @@ class MethodTrainer(Trainer):
         if not (normalised and self.model.training):
             return 1.0
         return 1.0 / getattr(self, "current_gradient_accumulation_steps", 1)
+
+    def _get_train_sampler(self, train_dataset=None) -> RandomSampler:
+        """A shuffle fixed by the data seed alone (not by the global RNG's state), so that one
+        process or N (each taking its slice of every global batch) see the same batches."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return RandomSampler(dataset, generator=torch.Generator().manual_seed(self.args.data_seed))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -138,27 +149,22 @@ class MethodTrainer(Trainer):
                 if name not in params:
                     raise CLBenchError(f"{folder}: parameter {name} is not in the model")
                 params[name].copy_(value)
-        state_file = folder / METHOD_STATE_FILE
-        if self.method_state is not None and state_file.is_file():
-            self.method_state.load_state(json.loads(state_file.read_text()))
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def accumulation_steps(cfg: TrainConfig, processes: int | None = None) -> int:
-    """Gradient accumulation making ``global_batch_size`` from ``batch_size`` per device."""
+def batch_split(cfg: TrainConfig, processes: int | None = None) -> tuple[int, int]:
+    """(batch per device, accumulation steps) making the global batch (``global_batch_size``,
+    else ``batch_size``) whatever the number of processes: the largest per-device batch up to
+    ``batch_size`` that divides each process's share."""
     processes = processes or world_size()
-    if cfg.global_batch_size is None:
-        return 1
-    per_step = cfg.batch_size * processes
-    if cfg.global_batch_size < per_step or cfg.global_batch_size % per_step:
+    total = cfg.global_batch_size or cfg.batch_size
+    if total % processes:
         raise CLBenchError(
-            f"train.global_batch_size {cfg.global_batch_size} is not a multiple of "
-            f"train.batch_size {cfg.batch_size} x {processes} process(es)"
+            f"the global batch {total} (train.global_batch_size, else train.batch_size) does "
+            f"not split evenly over {processes} processes"
         )
-    return cfg.global_batch_size // per_step
+    share = total // processes
+    per_device = next(b for b in range(min(cfg.batch_size, share), 0, -1) if share % b == 0)
+    return per_device, share // per_device
 
 
 def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
@@ -170,10 +176,12 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
     dtype = compute_dtype(model) if model is not None else torch.float32
     # runs place models on cpu or cuda (placement.resolve_device): the Trainer follows
     on_cpu = model is not None and device_of(model).type != "cuda"
+    per_device, accumulation = batch_split(cfg)
+    deepspeed = str(deepspeed_config(cfg.deepspeed)) if cfg.deepspeed else None
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=accumulation_steps(cfg),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
@@ -183,7 +191,9 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         activation_checkpointing=cfg.gradient_checkpointing,
-        deepspeed=cfg.deepspeed,
+        deepspeed=deepspeed,
+        # DeepSpeed on the CPU (gloo): the Trainer keeps the state train_model set up
+        accelerator_config={"use_configured_state": True} if deepspeed and on_cpu else None,
         logging_steps=10,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=max(cfg.save_steps, 1),
@@ -196,6 +206,42 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, seed: int,
         dataloader_pin_memory=not on_cpu,
         use_cpu=on_cpu,
     )
+
+
+def start_deepspeed(on_cpu: bool) -> None:
+    """Before a Trainer on DeepSpeed: accelerate keeps one DeepSpeed plugin per process, so its
+    state from an earlier Trainer is reset (the process group stays); on the CPU its state is
+    made on gloo first (the Trainer then keeps it: ``use_configured_state``)."""
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if on_cpu:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+
+
+def float32_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """The float32 parameters of a model, before DeepSpeed's bf16/fp16 mode casts them all: what
+    trains by name (DeepSpeed keeps its float32 master copy), frozen ones with a CPU copy."""
+    if not is_low_precision(compute_dtype(model)):
+        return {}
+    return {name: None if p.requires_grad else p.detach().cpu().clone()
+            for name, p in model.named_parameters() if p.dtype == torch.float32}
+
+
+def restore_float32(model: torch.nn.Module, kept: dict[str, torch.Tensor | None]) -> None:
+    """Put back in float32 what DeepSpeed cast to its working precision: trained parameters from
+    DeepSpeed's float32 master weights (every rank takes part), frozen ones from their copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in model.named_parameters():
+        if name not in kept or param.dtype == torch.float32:
+            continue
+        value = kept[name] if kept[name] is not None else safe_get_full_fp32_param(param)
+        if value is None:
+            raise CLBenchError(f"DeepSpeed holds no float32 master copy of {name}")
+        param.data = value.to(param.device, torch.float32)
 
 
 def collate_training(items: list[dict], bundle: ModelBundle) -> dict:
@@ -226,6 +272,8 @@ def train_model(
     """
     if cfg.limit is not None:
         samples = random.Random(seed).sample(samples, min(cfg.limit, len(samples)))
+    if cfg.deepspeed:
+        start_deepspeed(on_cpu=device_of(model).type != "cuda")
     trainer = MethodTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, seed, model, report_to),
@@ -238,7 +286,16 @@ def train_model(
         method_state=method_state,
     )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is not None and method_state is not None:
+        # here, not in _load_from_checkpoint, which the Trainer skips under DeepSpeed
+        state_file = Path(last) / METHOD_STATE_FILE
+        if state_file.is_file():
+            method_state.load_state(json.loads(state_file.read_text()))
+    kept = float32_parameters(model) if cfg.deepspeed else {}
     result = trainer.train(resume_from_checkpoint=last)
+    if trainer.is_deepspeed_enabled:
+        restore_float32(model, kept)
+        trainer.model_wrapped.destroy()  # its gradient hooks would outlive the stage
     info = {"train_loss": float(result.training_loss), **trainer.loss_parts}
     if last is not None:  # the Trainer averages the loss over the steps after the resume
         info["resumed_from_step"] = int(Path(last).name.rpartition("-")[2])

@@ -40,6 +40,7 @@ Prompt = tuple[str, Image.Image | None]
 
 @register_method(
     "hide_llava",
+    launchers=("single", "ddp", "zero2"),
     paper="HiDe-LLaVA (Guo et al., ACL 2025), eq. 2-7, Algorithm 1",
     trains="a fresh LoRA on the base model + the shared projector each stage",
     growth="one LoRA per task kept (routed at the top layer, fused below) + 2 anchors per task",
@@ -93,7 +94,8 @@ class HiDeLLaVA(Method):
         expert = TaskExpert(stage.name, stage.index, lora, projector)
         if self.encoder is not None:
             self._add_anchors(expert, self.training_samples(stage), stage.index)
-        expert.save(self.expert_dir)
+        if self.context.writes:  # rank 0 under a launcher
+            expert.save(self.expert_dir)
         self.experts = [e for e in self.experts if e.stage < stage.index] + [expert]
         return plain
 

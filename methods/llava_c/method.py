@@ -22,6 +22,7 @@ from cl_bench.models.deltas import LoraFactors, delta_path, snapshot_trainable, 
 from cl_bench.models.placement import to_model
 from cl_bench.models.updates import apply_delta
 from cl_bench.registry import register_method
+from cl_bench.running.distributed import rank, world_size
 from methods.llava_c.consolidation import (
     apply_sac,
     check_alpha,
@@ -114,6 +115,7 @@ def forward_kl(current_logits: torch.Tensor, previous_logits: torch.Tensor,
 
 @register_method(
     "llava_c",
+    launchers=("single", "ddp", "zero2"),
     paper="LLaVA-c (Liu et al., 2025), eq. 4-9, Algorithm 1",
     trains="a fresh LoRA on the language model + the projector each stage, SAC-merged after it",
     growth="none in memory; each stage's raw update is stored on disk (deltas/) for alpha sweeps",
@@ -133,7 +135,7 @@ class LlavaC(Method):
         self.consolidator = consolidator(options.consolidation, options.boundary)
         self.before: dict[str, torch.Tensor] = {}
         self.uir_seed: int | None = None  # set while a stage trains with UIR
-        self.uir_step = 0  # inquiry batches drawn this stage (saved mid-stage: exact resume)
+        self.uir_step = 0  # inquiry batches this rank drew this stage (saved mid-stage)
         self._inquiries: list[Sample] | None = None
 
     # -- inquiries ---------------------------------------------------------------------------
@@ -187,7 +189,9 @@ class LlavaC(Method):
     def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs) -> dict:
         if self.uir_seed is None:
             return {}
-        batch = to_model(self.inquiry_batch(self.uir_seed, self.uir_step), model)
+        # rank r of N draws every N-th batch from r: the ranks' union is one process's draws
+        drawn = self.uir_step * world_size() + rank()
+        batch = to_model(self.inquiry_batch(self.uir_seed, drawn), model)
         self.uir_step += 1
         current = model(**batch, output_hidden_states=True)
         with torch.no_grad(), model.disable_adapter():
@@ -202,10 +206,11 @@ class LlavaC(Method):
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         """Store the raw update, then merge its consolidated version (Algorithm 1)."""
         delta = stage_delta(model, self.before)
-        delta.save(delta_path(self.context.run_dir, stage.index))
         opts = self.options
-        write_spectra(self.context.run_dir, stage.index, delta, opts.consolidation, opts.alpha,
-                      opts.boundary)
+        if self.context.writes:  # rank 0 under a launcher
+            delta.save(delta_path(self.context.run_dir, stage.index))
+            write_spectra(self.context.run_dir, stage.index, delta, opts.consolidation,
+                          opts.alpha, opts.boundary)
         plain = model.unload()
         apply_delta(plain, delta, lambda u: self.consolidation(u)(None), base=self.before)
         self.uir_seed = None

@@ -39,6 +39,7 @@ _PROBE_IMAGE = Image.new("RGB", (8, 8))
 
 @register_method(
     "modalprompt",
+    launchers=("single", "ddp", "zero2"),
     paper="ModalPrompt (Zeng et al., EMNLP 2025); M-Prompt in LLaVA-c Tables 2-3, 7-8",
     trains="a prompt and a prototype projection per task (the LLaVA frozen, no LoRA)",
     growth="one prompt (prompt_length x hidden) + one projection MLP (hidden -> hidden -> CLIP)",

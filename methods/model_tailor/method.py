@@ -77,6 +77,7 @@ def lora_layers(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 @register_method(
     "model_tailor",
+    launchers=("single", "ddp", "zero2"),
     paper="Model Tailor: Zhu et al., ICML 2024 (model patch + patch decorator), after every "
     "stage as in HiDe-LLaVA Table 7",
     trains="a fresh LoRA on the language model + the projector each stage; then each adapted "

@@ -101,6 +101,7 @@ class Expert:
 
 @register_method(
     "mr_lora",
+    launchers=("single", "ddp", "zero2"),
     paper="MR-LoRA: Zhao et al., MLLM-CL (2025), expert LoRAs + MLLM router LoRA",
     trains="a fresh expert LoRA + projector per task from the starting model; the router LoRA + "
     "projector on a small router set of every learned task",

@@ -96,6 +96,7 @@ def key_penalty(
 
 @register_method(
     "sefe",
+    launchers=("single", "ddp", "zero2"),
     paper="SEFE: Chen et al., ICML 2025 (ASD data + RegLoRA)",
     trains="a fresh LoRA on the language model + the projector each stage on ASD-diversified "
     "data, merged after it; earlier tasks' key update elements regularised",
