@@ -167,8 +167,10 @@ def generate_texts(
         out = model.generate(**batch, generation_config=config)
         rows += batch_rows
         tokens.append(out[:, batch["input_ids"].shape[1] :].cpu())
-    decoded = bundle.tokenizer.batch_decode(
-        [row for block in tokens for row in block.tolist()], skip_special_tokens=True)
+    generated = [row for block in tokens for row in block.tolist()]
+    # a rank dealt no batch decodes nothing (batch_decode([]) gives one empty text)
+    decoded = (bundle.tokenizer.batch_decode(generated, skip_special_tokens=True)
+               if generated else [])
     texts = [text.strip() for text in decoded]
     return gather_rows(rows, texts, len(prompts), across_ranks=sharded)
 
