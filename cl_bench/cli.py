@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         "seed": args.seed, "model": args.model, "data_root": args.data_root,
         "quick": True if args.quick else None, "general": general_option(args.general),
         "report_to": args.report_to,
+        "model.device": args.device,
     }
     if args.resume:
         if not args.out:
@@ -178,12 +179,13 @@ def cmd_data(args: argparse.Namespace) -> None:
         return
     from cl_bench.config import RunConfig
     from cl_bench.registry import get_suite
-    from cl_bench.running.runner import resolve_data_root
+    from cl_bench.running.runner import cache_dir, resolve_data_root
     from tasks.data_check import check_suite_data
 
     suite = get_suite(args.suite or RunConfig().suite)
     root = resolve_data_root(suite, RunConfig(suite=suite.name, data_root=args.data_root))
-    report = check_suite_data(suite, root, suite.resolve_order(args.order))
+    cache = None if args.no_cache else cache_dir() / "verified-images"
+    report = check_suite_data(suite, root, suite.resolve_order(args.order), args.fast, cache)
     print(report.table())
     if not report.ok:
         raise CLBenchError(f"data check failed: {report.problem_count()} problem(s), listed above")
@@ -207,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "grid's folder (default runs/<suite>-grid)")
     run.add_argument("--seed", type=int)
     run.add_argument("--model", help="local Hugging Face LLaVA folder to start from")
+    run.add_argument("--device", help="auto (default: cuda:LOCAL_RANK when there is a GPU), "
+                     "cpu, cuda or cuda:N")
     run.add_argument("--data-root", help="folder holding the suite's data")
     run.add_argument("--config", type=Path, help="YAML config file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -257,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--suite", help="suite name (default ucit-micro)")
     data.add_argument("--data-root", help="the suite's data folder (default CLBENCH_DATA_ROOT)")
     data.add_argument("--order", help="check only these tasks: letters or comma-separated names")
+    data.add_argument("--fast", action="store_true",
+                      help="check: only look images up instead of opening and decoding them")
+    data.add_argument("--no-cache", action="store_true",
+                      help="check: decode every image, even those verified before unchanged")
     data.add_argument("--source", help="split665k: the mix file (default "
                       "<data-root>/llava_v1_5_mix665k.json)")
     data.add_argument("--probe-size", type=int, default=500,

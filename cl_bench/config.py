@@ -15,25 +15,53 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from cl_bench.errors import CLBenchError
+from tasks.loaders import read_text
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
+class ModelConfig:
+    """The starting model and how it runs (``--model PATH`` sets ``model.path``).
+
+    device: auto | cpu | cuda | cuda:N (``cuda`` is cuda:LOCAL_RANK under a launcher).
+    dtype: auto (bfloat16 on CUDA, float32 on the CPU) | bf16 | fp16 | fp32, of the frozen
+    weights; what trains or accumulates stays float32. attn_implementation: auto
+    (flash_attention_2 where installed on CUDA, else sdpa) | sdpa | eager | flash_attention_2.
+    conversation and image_aspect_ratio: the prompt template and image preprocessing, among
+    those of the model's family (``cl_bench.models.backbones``, found by its config.json).
+    """
+
+    path: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    conversation: str = "vicuna_v1"
+    image_aspect_ratio: str = "pad"
+
+
+@dataclass
 class TrainConfig:
-    """Optimisation settings; names map onto transformers.TrainingArguments."""
+    """Optimisation settings; names map onto transformers.TrainingArguments.
+
+    batch_size is per device; global_batch_size (None: batch_size x world size) sets the
+    gradient accumulation. projector_lr (None: learning_rate) is the projector's own rate.
+    save_steps > 0 writes a resumable Trainer checkpoint every that many optimizer steps.
+    """
 
     learning_rate: float = 2e-4
+    projector_lr: float | None = None
     epochs: float = 1.0
     batch_size: int = 16
-    grad_accum: int = 1
+    global_batch_size: int | None = None
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     max_steps: int = -1
-    max_length: int = 512
-    bf16: bool = False
+    max_length: int = 2048
     gradient_checkpointing: bool = False
+    dataloader_workers: int = 0
+    save_steps: int = 0
     deepspeed: str | None = None
     limit: int | None = None
 
@@ -54,7 +82,7 @@ class EvalConfig:
     """Batched greedy generation and scoring."""
 
     batch_size: int = 32
-    max_new_tokens: int = 32
+    max_new_tokens: int = 128
     limit: int | None = None
     rule: str = "exact"
 
@@ -66,7 +94,7 @@ class RunConfig:
     method: str = "finetune"
     suite: str = "ucit-micro"
     order: str | None = None
-    model: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
     data_root: str | None = None
     out: str | None = None
     seed: int = 0
@@ -79,8 +107,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.model is None or isinstance(self.model, str | Path):  # RunConfig(model=PATH)
+            self.model = ModelConfig(path=None if self.model is None else str(self.model))
 
-QUICK = {"train.limit": 48, "train.max_steps": 6, "eval.limit": 12, "eval.max_new_tokens": 12}
+
+QUICK = {"train.limit": 48, "train.max_steps": 6, "eval.limit": 12, "eval.max_new_tokens": 12,
+         "train.dataloader_workers": 0}
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -113,6 +146,8 @@ def set_key(cfg: RunConfig, dotted: str, value: Any, source: str = "--set") -> N
     method's own options.
     """
     head, _, rest = dotted.partition(".")
+    if dotted == "model" and not isinstance(value, dict):
+        dotted = "model.path"  # ``model: PATH`` (and --model PATH) name the model folder
     if head in ("method", "method_options") and rest:
         cfg.method_options[rest] = yaml.safe_load(value) if isinstance(value, str) else value
         return
@@ -179,7 +214,7 @@ def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise CLBenchError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path)) or {}  # read_text: encoding errors name the byte
     except yaml.YAMLError as err:
         raise CLBenchError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -187,24 +222,42 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
+def method_recipe(method: str) -> dict[str, Any]:
+    """The config defaults a method declares from its paper (``@register_method(recipe=...)``),
+    read from source without importing the method."""
+    from cl_bench.registry import index_methods, unknown_name_error
+
+    entries = index_methods()
+    if method not in entries:
+        raise unknown_name_error("method", method, list(entries))
+    return dict(entries[method].capabilities.recipe)
+
+
 def resolve(
     config_file: Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     defaults_for: Callable[[str], dict[str, Any]] = lambda suite: {},
+    recipe_for: Callable[[str], dict[str, Any]] = method_recipe,
     **fields: Any,
 ) -> RunConfig:
     """Build the run config by the documented precedence; keyword fields are top-level keys.
 
-    ``defaults_for(suite_name)`` gives the suite's defaults once the suite is known.
+    Lowest first: dataclass defaults < the method's recipe (``recipe_for(method)``) < the
+    suite's defaults (``defaults_for(suite)``) < the config file < keyword fields < ``--quick``
+    < ``--set``. A suite sets what its benchmark fixes (batch, learning rates, lengths); a
+    method what its paper fixes for itself (e.g. its LoRA rank), unless the suite overrides it.
     """
     file_items = _flatten(load_yaml(config_file)) if config_file is not None else []
-    suite = RunConfig().suite
-    for key, value in [*file_items, *fields.items()]:
-        if key == "suite" and value is not None:
-            suite = str(value)
+    set_items = [item.partition("=")[::2] for item in overrides]
+    named = {"suite": RunConfig().suite, "method": RunConfig().method}
+    for key, value in [*file_items, *fields.items(), *set_items]:
+        if key.strip() in named and value is not None:
+            named[key.strip()] = str(value).strip()
     cfg = RunConfig()
-    for key, value in defaults_for(suite).items():
-        set_key(cfg, key, value, f"suite {suite} defaults")
+    for key, value in recipe_for(named["method"]).items():
+        set_key(cfg, key, value, f"method {named['method']} recipe")
+    for key, value in defaults_for(named["suite"]).items():
+        set_key(cfg, key, value, f"suite {named['suite']} defaults")
     for key, value in file_items:
         set_key(cfg, key, value, str(config_file))
     for key, value in fields.items():

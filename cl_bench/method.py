@@ -1,10 +1,14 @@
 """The method plugin interface: a small set of hooks into the one sequential runner.
 
 The runner calls, for each stage of ``plan``: ``before_stage`` -> training on
-``training_samples`` with ``extra_losses`` added to the LLaVA loss -> ``after_stage``
-(consolidation) -> evaluation of every task on ``eval_model`` (``before_generate`` before each
-generation batch) -> ``after_evaluation`` -> ``save``. A method sees only the current stage's
-tasks, never the future ones.
+``training_samples`` (``before_train_batch`` before each batch's forward) with ``extra_losses``
+added to the LLaVA loss -> ``after_stage`` (consolidation) -> ``save`` (the stage checkpoint,
+before evaluating, so that a crash in the evaluation keeps the training) -> evaluation of every
+task on ``eval_model`` (``before_generate`` before each generation batch) ->
+``after_evaluation``. A method sees only the current stage's tasks, never the future ones.
+
+Tensors a method makes itself go to the device of the model they meet
+(``cl_bench.models.placement.to_model``); what it accumulates across stages stays float32.
 
 Two optional hooks serve the generic analyses of a finished run: ``consolidation`` (methods that
 mix each stage's stored update with a ratio alpha: ``clbench sweep-alpha``) and ``task_models``
@@ -25,8 +29,9 @@ import torch
 
 from cl_bench.config import RunConfig, convert_value
 from cl_bench.errors import CLBenchError
+from cl_bench.models.checkpoint import load_model_state, save_model_state, trained_names
 from cl_bench.models.deltas import LoraFactors
-from cl_bench.models.llava import ModelBundle, load_llava
+from cl_bench.models.llava import ModelBundle
 from cl_bench.models.lora import add_lora, merge_lora
 from tasks.loaders import Sample, load_samples
 from tasks.suite import Suite, TaskSpec
@@ -46,14 +51,23 @@ class Stage:
 
 @dataclass
 class MethodContext:
-    """What a method may use: the config, the suite's data and the starting model."""
+    """What a method may use: the config, the suite's data and the starting model.
+
+    ``trained`` names the full parameters any stage trained (the projector): a checkpoint keeps
+    their values beside the consolidated updates.
+    """
 
     config: RunConfig
     suite: Suite
     data_root: Path
     bundle: ModelBundle
     run_dir: Path
+    trained: set[str] = field(default_factory=set)
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def note_trainable(self, model: torch.nn.Module) -> None:
+        """Remember the full parameters ``model`` is about to train."""
+        self.trained |= trained_names(model)
 
     def train_samples(self, task: TaskSpec) -> list[Sample]:
         if task.name not in self._cache:
@@ -96,12 +110,20 @@ class Method:
     def training_samples(self, stage: Stage) -> list[Sample]:
         return [s for task in stage.tasks for s in self.context.train_samples(task)]
 
+    def before_train_batch(
+        self, model: torch.nn.Module, prompts: Sequence[tuple[str, Any]]
+    ) -> None:
+        """Called before each training batch's forward on ``model`` (the one ``before_stage``
+        returned) with the batch's rows as ``(first question, PIL image or None)``, in row order:
+        the training twin of ``before_generate``, e.g. to compute per-sample query features."""
+
     def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> dict:
         """Terms added to the LLaVA loss at every training step, by name."""
         return {}
 
     def after_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
-        """Consolidate after training: merge the LoRA into the weights."""
+        """Consolidate after training: the LoRA becomes part of the model (float32 factors
+        beside low-precision weights, merged into float32 ones: ``cl_bench.models.updates``)."""
         return merge_lora(model)
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -122,10 +144,11 @@ class Method:
     # -- analyses of a finished run --------------------------------------------------------
     def consolidation(
         self, update: LoraFactors | torch.Tensor
-    ) -> Callable[[float | None], torch.Tensor]:
+    ) -> Callable[[float | None], LoraFactors | torch.Tensor]:
         """For methods that consolidate each stage's stored update (``deltas/``) with a mix ratio:
-        a function from alpha (None: the run's own) to the consolidated update, so that an alpha
-        sweep decomposes each update once."""
+        a function from alpha (None: the run's own) to the consolidated update (factors for a
+        LoRA update, a tensor for a full one), so that an alpha sweep decomposes each update
+        once."""
         raise CLBenchError(
             f"method {self.context.config.method} does not consolidate stored stage updates "
             "with a mix ratio alpha"
@@ -142,22 +165,31 @@ class Method:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:
-        """Everything needed to resume after this stage."""
-        model.save_pretrained(folder / "model")
-        self.context.bundle.processor.save_pretrained(folder / "model")
+        """Everything needed to resume after this stage: what changed in ``model`` since the
+        starting model (its consolidated updates and trained parameters, with a pointer to the
+        starting model's folder: ``cl_bench.models.checkpoint``) and ``state()``. A method
+        keeping more (e.g. per-task experts) extends this and ``load``."""
+        ctx = self.context
+        save_model_state(model, folder, ctx.bundle.path, ctx.trained)
         (folder / "method_state.json").write_text(json.dumps(self.state()))
 
     def load(self, folder: Path) -> torch.nn.Module:
+        """The model of a checkpoint, rebuilt on the freshly loaded starting model, and the
+        method's state."""
         state = folder / "method_state.json"
         self.load_state(json.loads(state.read_text()) if state.exists() else {})
-        return load_llava(folder / "model").model
+        ctx = self.context
+        ctx.trained |= load_model_state(ctx.bundle.model, folder, ctx.bundle.path)
+        return ctx.bundle.model
 
     def state(self) -> dict:
-        """Method state (JSON) beyond the model weights."""
+        """Method state (JSON) beyond the model weights. Saved with every stage checkpoint and
+        every Trainer checkpoint (``train.save_steps``), so it must describe the method at
+        that point, mid-stage included."""
         return {}
 
     def load_state(self, state: dict) -> None:
-        """Restore what ``state`` returned."""
+        """Restore what ``state`` returned (at a stage's end, or mid-stage on resume)."""
 
 
 def parse_options(method: type[Method], given: dict[str, Any]) -> Any:

@@ -13,9 +13,27 @@ from collections.abc import Sequence
 import numpy as np
 
 from cl_bench.errors import CLBenchError
+from cl_bench.registry import unknown_name_error
 
 Matrix = Sequence[Sequence[float]] | np.ndarray
 METRIC_NAMES = ("Avg", "Last", "MFT", "MAA", "BWT", "FWT", "Forgetting")
+# Other names of the same quantities: MCITlib (Guo et al. 2025) reports MFT, MFN, MAA and BWT;
+# its MFN (mean final accuracy) is Last, the rest are ours under the same names. HiDe-LLaVA's
+# "Avg" is our Avg, not MAA.
+METRIC_ALIASES = {"MFN": "Last"}
+
+
+def metric_name(name: str) -> str:
+    """The metric ``name`` refers to, aliases included ("MFN" -> "Last"); else an error."""
+    for known in (*METRIC_NAMES, *METRIC_ALIASES):
+        if name.casefold() == known.casefold():
+            return METRIC_ALIASES.get(known, known)
+    raise unknown_name_error("metric", name, [*METRIC_NAMES, *METRIC_ALIASES])
+
+
+def aliases_of(name: str) -> list[str]:
+    """Other names of metric ``name`` ("Last" -> ["MFN", ...])."""
+    return [alias for alias, target in METRIC_ALIASES.items() if target == name]
 
 
 def as_matrix(matrix: Matrix) -> np.ndarray:
@@ -96,11 +114,12 @@ def bwt(matrix: Matrix) -> float | None:
 
 
 def forgetting(matrix: Matrix) -> list[float]:
-    """Per task j < T: its best score at stages 1..T-1 minus its final score."""
-    # spec: Forgetting_j = max_{t<T} R[t][j] - R[T][j], t over stages 1..T-1 (not zero-shot row 0)
+    """Per task j < T: its best score at the stages since it was learned (j..T-1) minus its
+    final score; scores before task j was learned (transfer, or the zero-shot row) never count."""
+    # Chaudhry et al. 2018 (RWalk) Sec. 3: f_j = max_{t in j..T-1} R[t][j] - R[T][j]
     arr = continual_matrix(matrix, "Forgetting")
     tasks = arr.shape[1]
-    return [float(arr[1:tasks, j].max() - arr[tasks, j]) for j in range(tasks - 1)]
+    return [float(arr[j + 1 : tasks, j].max() - arr[tasks, j]) for j in range(tasks - 1)]
 
 
 def fwt(matrix: Matrix) -> float | None:

@@ -83,6 +83,9 @@ class Capabilities:
     routes: bool = False  # inference routes per sample (so no plain merged checkpoint to serve)
     task_id: bool = False  # needs the task identity at test time (no registered method may)
     launchers: tuple[str, ...] = ("single",)  # verified launchers: single, ddp, zero2, zero3
+    # config defaults the method's paper fixes for the method itself (dotted keys, e.g.
+    # {"lora.rank": 128}); above the built-in defaults, below the suite's and the user's
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.launchers) - set(LAUNCHERS))

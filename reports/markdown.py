@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cl_bench.metrics import METRIC_NAMES, aliases_of
 from reports.degradation import examples_section, general_section, probes_section
 from reports.method_info import method_section
 from reports.run_folder import read_matrix, read_records, read_summary
-
-METRICS = ("Avg", "Last", "MFT", "MAA", "BWT", "FWT", "Forgetting")
 
 
 def fmt(value: float | None) -> str:
@@ -30,6 +29,33 @@ def matrix_section(run_dir: Path) -> str:
         for stage, values in zip(matrix.index, matrix.to_numpy().tolist(), strict=True)
     ]
     return "## Accuracy matrix (score after each stage)\n\n" + markdown_table(header, rows)
+
+
+def metric_label(name: str) -> str:
+    """A metric's name with its other names in the field: "Last (MFN)"."""
+    aliases = aliases_of(name)
+    return f"{name} ({', '.join(aliases)})" if aliases else name
+
+
+def details_section(run_dir: Path) -> str:
+    """The final stage's other views of each task's score (official and simplified VQA accuracy,
+    lenient numbers, caption metrics, a failed metric as "failed") and its notes."""
+    records = read_records(run_dir)
+    if not records:
+        return ""
+    last = records[-1]
+    details, notes = last.get("details", {}), last.get("notes", {})
+    rows = [
+        [task, fmt(last["scores"][task]),
+         ", ".join(f"{k} {'failed' if v is None else fmt(v)}" for k, v in
+                   details.get(task, {}).items()) or "-",
+         "; ".join(notes.get(task, [])) or "-"]
+        for task in last["scores"] if task in details or task in notes
+    ]
+    if not rows:
+        return ""
+    title = f"## Task metrics beside the scores (stage {last['stage']})"
+    return f"{title}\n\n" + markdown_table(["task", "score", "details", "notes"], rows)
 
 
 def timing_section(run_dir: Path) -> str:
@@ -68,8 +94,10 @@ def write_report(run_dir: Path) -> Path:
     title = f"# {summary['method']} on {summary['suite']} (seed {summary['seed']})"
     if summary.get("quick"):
         title += " -- quick run"
-    headline = markdown_table(list(METRICS), [[fmt(summary.get(m)) for m in METRICS]])
+    headline = markdown_table([metric_label(m) for m in METRIC_NAMES],
+                              [[fmt(summary.get(m)) for m in METRIC_NAMES]])
     parts = [title, headline, matrix_section(run_dir), figures_section(run_dir),
+             details_section(run_dir),
              timing_section(run_dir),
              method_section(run_dir), general_section(summary), probes_section(summary),
              examples_section(run_dir)]

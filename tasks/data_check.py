@@ -1,22 +1,37 @@
 """Check a suite's data folder before a long run, collecting every problem instead of the first.
 
 ``check_suite_data(suite, data_root, tasks)`` looks for each task's folder and files as the suite
-declares them, reads every file (a JSON syntax error names the file and line), parses every
-record, looks for every referenced image, checks the test references against the task's answer
-type and compares the counts with the expected ones. Problems (the run cannot work) and notes
-(it can, but something differs from the published setup) are kept per task; ``DataReport.table``
-prints the summary and ``DataReport.ok`` says whether a run may start.
+declares them, reads every file (an encoding or JSON syntax error names the file, byte offset or
+line), parses every record with the loaders' typed checks (a null, list or empty value where text
+is expected names the record and key), reads the task's annotation file, checks the test
+references against the task's answer type, looks for every referenced image and opens and decodes
+each once (``fast=True`` only looks them up), and compares the counts with the expected ones.
+Problems (the run cannot work) and notes (it can, but something differs from the published
+setup) are kept per task; ``DataReport.table`` prints the summary and ``DataReport.ok`` says
+whether a run may start. ``require_valid_data`` is this same check, raising: runs call it before
+the model loads, so bad data never surfaces after training has started.
 """
 
 from __future__ import annotations
 
+import os
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cl_bench.errors import CLBenchError
-from tasks.loaders import Sample, parse_record, read_records, read_reference_table, with_references
+from tasks.images import cache_file, verify_images
+from tasks.loaders import (
+    IMAGE_TOKEN,
+    Sample,
+    load_samples,
+    parse_record,
+    read_records,
+    read_reference_table,
+    with_references,
+)
 from tasks.suite import Suite, TaskSpec
 
 SHOWN = 3  # examples listed per kind of problem
@@ -24,14 +39,15 @@ SHOWN = 3  # examples listed per kind of problem
 
 @dataclass
 class FileCheck:
-    """One data file as read: its records, the bad ones and the missing images."""
+    """One data file as read: its records, the bad ones and its images."""
 
     path: Path
     samples: list[Sample] = field(default_factory=list)
     records: int = 0
-    images: int = 0
+    images: list[Path] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -44,8 +60,10 @@ class TaskCheck:
     train: int | None = None
     test: int | None = None
     missing_images: int = 0
+    broken_images: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    read: list[FileCheck] = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -61,6 +79,7 @@ class DataReport:
     tasks: list[TaskCheck] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    images: str = ""
 
     @property
     def ok(self) -> bool:
@@ -77,14 +96,16 @@ class DataReport:
             "",
         ]
         head = ("task", "folder", "files", "train", "expected", "test", "expected",
-                "missing images", "status")
+                "missing images", "broken images", "status")
         rows = [head, *(self._row(t) for t in self.tasks)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        numeric = {3, 4, 5, 6, 7}
+        numeric = {3, 4, 5, 6, 7, 8}
         for row in rows:
             cells = [c.rjust(w) if i in numeric else c.ljust(w)
                      for i, (c, w) in enumerate(zip(row, widths, strict=True))]
             lines.append("  ".join(cells).rstrip())
+        if self.images:
+            lines += ["", self.images]
         for title, items in (("Problems", self._findings("problems")),
                              ("Notes", self._findings("notes"))):
             if items:
@@ -100,7 +121,7 @@ class DataReport:
         status = "ok" if t.ok else f"{len(t.problems)} problem(s)"
         return (t.task.name, folder, " + ".join(t.files) or "-", _count(t.train),
                 _count(t.task.expected_train), _count(t.test), _count(t.task.expected_test),
-                str(t.missing_images), status)
+                str(t.missing_images), str(t.broken_images), status)
 
     def _findings(self, kind: str) -> list[str]:
         items = list(getattr(self, kind))
@@ -139,24 +160,55 @@ def _examples(items: Sequence[str], total: int | None = None) -> str:
 
 
 def check_suite_data(
-    suite: Suite, data_root: Path, tasks: Sequence[TaskSpec] | None = None
+    suite: Suite, data_root: Path, tasks: Sequence[TaskSpec] | None = None,
+    fast: bool = False, cache: Path | None = None,
 ) -> DataReport:
-    """Check every task of ``tasks`` (default: all of the suite's) under ``data_root``."""
+    """Check every task of ``tasks`` (default: all of the suite's) under ``data_root``.
+
+    Every image a record names is opened and decoded once (in parallel, with progress), unless
+    ``fast``, which only looks them up. ``cache`` (a folder) remembers the images verified
+    before, by size and modification time, so a second check decodes only new or changed ones.
+    """
     report = DataReport(suite, data_root)
     if not data_root.is_dir():
         report.problems.append(f"data root {data_root} is not a folder")
         return report
-    report.tasks = [check_task(suite, spec, data_root) for spec in tasks or suite.tasks]
-    if suite.inquiry_file and not (data_root / suite.inquiry_file).is_file():
-        report.notes.append(
-            f"no inquiry file {data_root / suite.inquiry_file} (only methods with inquiry "
-            "regularisation, e.g. llava_c, need it)"
-        )
+    tasks = list(tasks or suite.tasks)
+    report.tasks = [check_task(suite, spec, data_root) for spec in tasks]
+    report.problems += caption_problems(tasks)
+    if suite.inquiry_file:
+        inquiry = data_root / suite.inquiry_file
+        if not inquiry.exists():
+            report.notes.append(
+                f"no inquiry file {inquiry} (only methods with inquiry regularisation, e.g. "
+                "llava_c, need it)"
+            )
+        else:
+            report.problems += _load_problems(inquiry)
+    report.images = check_images(report, fast, cache)
     return report
 
 
+def caption_problems(tasks: Sequence[TaskSpec]) -> list[str]:
+    """Caption tasks need pycocoevalcap and Java: checked only when a caption task is run."""
+    from tasks.captions import caption_scorer_problem
+
+    captions = [t.name for t in tasks if t.answer_type == "caption"]
+    problem = caption_scorer_problem() if captions else None
+    return [f"caption task(s) {', '.join(captions)}: {problem}"] if problem else []
+
+
+def _load_problems(path: Path) -> list[str]:
+    try:
+        load_samples(path, path.parent, check_images=False)
+    except CLBenchError as err:
+        return [str(err)]
+    return []
+
+
 def check_task(suite: Suite, spec: TaskSpec, data_root: Path) -> TaskCheck:
-    """Find and read one task's files, collecting every problem."""
+    """Find and read one task's files, collecting every problem (images are decoded later, by
+    ``check_images``, once for the whole suite)."""
     check = TaskCheck(spec)
     found = suite.locate(spec, data_root)
     check.folder = found.folder
@@ -169,17 +221,22 @@ def check_task(suite: Suite, spec: TaskSpec, data_root: Path) -> TaskCheck:
     for role, path, names in (("train", found.train, spec.train_files),
                               ("test", found.test, spec.test_files)):
         if path is None:
+            folders = [n for n in names if (found.folder / n).is_dir()]
+            odd = f"; {', '.join(folders)} is a folder, not a file" if folders else ""
             check.problems.append(
-                f"no {role} file in {found.folder} (looked for {', '.join(names)})"
+                f"no {role} file in {found.folder} (looked for {', '.join(names)}{odd})"
             )
             continue
         check.files.append(path.name)
         read = read_file(path, found.image_root)
+        check.read.append(read)
         check.problems += read.problems
+        check.notes += read.notes
         if read.missing_images:
             check.missing_images += len(read.missing_images)
             check.problems.append(
-                f"{path.name}: {len(read.missing_images)} of {read.images} images missing under "
+                f"{path.name}: {len(read.missing_images)} of "
+                f"{len(read.images) + len(read.missing_images)} images missing under "
                 f"{found.image_root}, e.g. {_examples(read.missing_images)}"
             )
         if role == "train":
@@ -214,18 +271,92 @@ def read_file(path: Path, image_root: Path) -> FileCheck:
     result.records = len(records)
     if not records:
         result.problems.append(f"{path}: no records")
-    bad = []
+    bad, parsed = [], []
     for i, record in enumerate(records):
         try:
             result.samples.append(parse_record(record, f"record {i}", image_root, False))
+            parsed.append(record)
         except CLBenchError as err:
             bad.append(str(err))
     if bad:
         result.problems.append(f"{path}: {len(bad)} bad record(s): {_examples(bad)}")
-    images = dict.fromkeys(s.image for s in result.samples if s.image is not None)
-    result.images = len(images)
-    result.missing_images = [_relative(p, image_root) for p in images if not p.is_file()]
+    result.notes += image_notes(path, parsed, result.samples)
+    for image in dict.fromkeys(s.image for s in result.samples if s.image is not None):
+        if image.is_file():
+            result.images.append(image)
+        else:
+            result.missing_images.append(_relative(image, image_root))
+    shown = result.missing_images[:SHOWN]
+    result.missing_images[:SHOWN] = [_missing_hint(image_root, m) for m in shown]
     return result
+
+
+def image_notes(path: Path, records: list[dict], samples: list[Sample]) -> list[str]:
+    """Notes on records (``records[i]`` parsed as ``samples[i]``) asked without an image: when
+    only some have one (a lost 'image' key?), and when one names no image but its question has
+    an '<image>' token (an image under another key, e.g. 'img', is never read)."""
+    blind = [(r, s) for r, s in zip(records, samples, strict=True) if s.image is None]
+    notes = []
+    if blind and len(blind) < len(samples):
+        notes.append(f"{path.name}: {len(blind)} of {len(samples)} records have no image and are "
+                     f"asked without one, e.g. ids {_examples([s.id for _, s in blind])}")
+    tokens = [s.id for r, s in blind if _mentions_image(r)]
+    if tokens:
+        notes.append(f"{path.name}: {len(tokens)} record(s) name no image but have an "
+                     f"'{IMAGE_TOKEN}' token, e.g. ids {_examples(tokens)}")
+    return notes
+
+
+def _mentions_image(record: dict) -> bool:
+    turns = record.get("conversations")
+    texts = [record.get("text"), *(t.get("value") for t in turns if isinstance(t, dict))] if (
+        isinstance(turns, list)) else [record.get("text")]
+    return any(isinstance(t, str) and IMAGE_TOKEN in t for t in texts)
+
+
+def _missing_hint(image_root: Path, relative: str) -> str:
+    """A missing image, with what is there instead: a folder, or a name that differs only in
+    case, Unicode normalisation or surrounding spaces (exports from other systems)."""
+    path = image_root / relative
+    if path.is_dir():
+        return f"{relative} (a folder, not a file)"
+    if not path.parent.is_dir():
+        return f"{relative} (no folder {_relative(path.parent, image_root)})"
+    wanted = _loose(path.name)
+    near = next((n for n in os.listdir(path.parent) if _loose(n) == wanted), None)
+    return f"{relative} (there is {near!r})" if near else relative
+
+
+def _loose(name: str) -> str:
+    return unicodedata.normalize("NFC", name).strip().casefold()
+
+
+def check_images(report: DataReport, fast: bool, cache: Path | None) -> str:
+    """Decode every image the checked files name, once, and add a problem per file with images
+    that cannot be decoded. Returns a one-line summary."""
+    images = {img: None for t in report.tasks for read in t.read for img in read.images}
+    if fast:
+        return (f"Images: {len(images):,} looked up, not decoded (--fast): an undecodable "
+                "image would stop a run before training.")
+    store = cache_file(cache, report.data_root) if cache else None
+    verified = verify_images(images, store)
+    broken = verified.problems
+    for task in report.tasks:
+        for read in task.read:
+            bad = [img for img in read.images if img in broken]
+            if not bad:
+                continue
+            task.broken_images += len(bad)
+            examples = [f"{_relative(img, report.data_root)} ({broken[img]})" for img in bad]
+            task.problems.append(
+                f"{read.path.name}: {len(bad)} of {len(read.images)} images cannot be "
+                f"decoded, e.g. {_examples(examples)}"
+            )
+    if not verified.remembered:
+        return f"Images: {len(images):,} opened and decoded, {len(broken):,} failed."
+    return (f"Images: {len(images):,} checked: {verified.decoded:,} opened and decoded now, "
+            f"{verified.remembered:,} decoded by an earlier check and unchanged since; "
+            f"{len(broken):,} failed.")
 
 
 def _with_reference_file(
@@ -249,6 +380,7 @@ def _with_reference_file(
         check.problems.append(str(err))
         return samples
     check.files.append(path.name)
+    check.notes += [f"{path.name}: {note}" for note in table.notes]
     samples, unmatched = with_references(samples, table)
     if unmatched:
         check.notes.append(
@@ -297,9 +429,12 @@ def instruction_notes(spec: TaskSpec, path: Path, samples: list[Sample]) -> list
     return [f"no question in {path.name} has the task's instruction {spec.instruction!r}"]
 
 
-def require_valid_data(suite: Suite, data_root: Path, tasks: Sequence[TaskSpec]) -> DataReport:
-    """The data check a run does up front: raises with one paragraph when the data is broken."""
-    report = check_suite_data(suite, data_root, tasks)
+def require_valid_data(
+    suite: Suite, data_root: Path, tasks: Sequence[TaskSpec], cache: Path | None = None,
+) -> DataReport:
+    """The data check a run does up front (images decoded, Java for captions): raises with one
+    paragraph when the data is broken."""
+    report = check_suite_data(suite, data_root, tasks, cache=cache)
     if not report.ok:
         raise CLBenchError(report.error_message())
     return report

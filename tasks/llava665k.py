@@ -71,14 +71,17 @@ def split_records(records: list[dict], source: str = SOURCE_FILE) -> dict[str, l
 
 
 def first_turn(record: dict) -> tuple[str, str] | None:
-    """The first human question (without the image token) and gpt answer, if well formed."""
+    """The first human question (without the image token) and gpt answer, if well formed
+    (text values; a null or a list never becomes a "None" question)."""
     conv = record.get("conversations")
     if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(c, dict) for c in conv):
         return None
     if (conv[0].get("from"), conv[1].get("from")) != ("human", "gpt"):
         return None
-    question = str(conv[0].get("value", "")).replace(IMAGE_TOKEN, "").strip()
-    answer = str(conv[1].get("value", "")).strip()
+    question, answer = conv[0].get("value"), conv[1].get("value")
+    if not (isinstance(question, str) and isinstance(answer, str)):
+        return None
+    question, answer = question.replace(IMAGE_TOKEN, "").strip(), answer.strip()
     return (question, answer) if question and answer else None
 
 

@@ -4,11 +4,14 @@
 
 - ``option``: the option letter the model answered (see ``extract_option_letter``); references
   are letters ("B") or, IconQA-style, indices ("1" = option B, whose prediction may also be "1").
-- ``word``: a single word or phrase under one of the three rules of ``WORD_RULES``.
-- ``vqa``: VQA accuracy min(#references equal to the prediction / 3, 1) after the standard VQA
-  normalisation, or exact normalised match when there is a single reference.
+- ``word``: a single word or phrase under one of the three rules of ``WORD_RULES``; when
+  references are whole numbers, a lenient numeric score (off by one counts) is in the details.
+- ``vqa``: the official VQA accuracy (the mean over the leave-one-out subsets of the human
+  answers of min(#matches / 3, 1)) after the standard VQA normalisation, or exact normalised match
+  when there is a single reference; the simplified min(#matches / 3, 1) is in the details.
 - ``bbox``: referring-expression grounding, correct when IoU > 0.5 (strict).
-- ``caption``: mean of Bleu-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), times 100.
+- ``caption``: mean of Bleu-1..4, METEOR, ROUGE-L and CIDEr (pycocoevalcap), times 100; a metric
+  that fails is marked (None in the details, a note) and the score is the mean of the others.
 - ``yesno``: the first word of the prediction equals the reference ("yes" / "no").
 
 The ``rule`` argument (``exact``, ``pred_in_gt``, ``gt_in_pred``) applies to ``word`` and
@@ -18,9 +21,6 @@ actually used (e.g. ``"iou>0.5"`` for boxes).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -28,19 +28,25 @@ from dataclasses import dataclass, field
 
 from cl_bench.errors import CLBenchError
 from cl_bench.registry import Registry, unknown_name_error
+from tasks.captions import caption_metrics
 
 
 @dataclass(frozen=True)
 class TaskScore:
-    """A task's score, per-question scores (0..1, by id), extra metrics and the matching rule.
+    """A task's score, per-question scores (0..1, by id), extra metrics, the matching rule and
+    notes on how the score was made when something could not be computed.
 
     ``score`` is a percentage; a caption score can pass 100, as CIDEr (times 100) ranges to 1000.
+    ``details`` holds other views of the same predictions (percentages), never replacing the
+    score: e.g. ``vqa_min3`` beside the official VQA accuracy, ``numeric_lenient`` beside an
+    exact match; a metric that failed is None there and explained in ``notes``.
     """
 
     score: float
     per_sample: dict[str, float] = field(default_factory=dict)
-    details: dict[str, float] = field(default_factory=dict)
+    details: dict[str, float | None] = field(default_factory=dict)
     rule: str = "exact"
+    notes: tuple[str, ...] = ()
 
 
 References = dict[str, list[str]]
@@ -178,7 +184,18 @@ _CONTRACTION_TEXT = (
     "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'd've you'd "
     "you'd've you'll you're you've"
 )
-CONTRACTIONS = {c.replace("'", ""): c for c in _CONTRACTION_TEXT.split()}
+
+
+def _contraction_spellings(contraction: str) -> list[str]:
+    """Spellings of a contraction that drop every apostrophe, or one of several."""
+    spots = [i for i, ch in enumerate(contraction) if ch == "'"]
+    one_dropped = [contraction[:i] + contraction[i + 1 :] for i in spots] if len(spots) > 1 else []
+    return [contraction.replace("'", ""), *one_dropped]
+
+
+CONTRACTIONS = {
+    spelling: c for c in _CONTRACTION_TEXT.split() for spelling in _contraction_spellings(c)
+}
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(_NUMBERS)}
 NUMBER_WORDS["none"] = "0"
@@ -207,12 +224,70 @@ def normalize_vqa_answer(text: str) -> str:
 
 
 def vqa_accuracy(pred: str, refs: Sequence[str]) -> float:
-    """min(#references equal to the prediction / 3, 1) with several references, else 0 or 1."""
+    """The official VQA accuracy: with n > 1 human answers, the mean over the n ways of leaving one
+    answer out of min(#remaining answers equal to the prediction / 3, 1); with one, 0 or 1.
+
+    Answers and prediction are normalised alike (``normalize_vqa_answer``); answers are left out
+    by position, so duplicates count (10 answers, 3 matching: (3 * 2/3 + 7 * 1) / 10 = 0.9).
+    """
+    # Antol et al. 2015 (VQA) Sec. 2: min(#humans that said ans / 3, 1), averaged over all
+    # 10-choose-9 sets of human annotators (the official evaluation code, vqaEval.py)
+    answer = normalize_vqa_answer(pred)
+    if not answer:
+        return 0.0
+    n = len(refs)
+    matches = sum(normalize_vqa_answer(r) == answer for r in refs)
+    if n == 1:
+        return float(matches == 1)
+    # leaving out one of the matching answers leaves matches - 1; any other leaves matches
+    left_matching = matches * min((matches - 1) / 3, 1.0)
+    left_other = (n - matches) * min(matches / 3, 1.0)
+    return (left_matching + left_other) / n
+
+
+def vqa_accuracy_min3(pred: str, refs: Sequence[str]) -> float:
+    """The simplified VQA accuracy min(#answers equal to the prediction / 3, 1) over all answers
+    (0 or 1 with one answer): 3 of 10 matching give 1.0 where the official form gives 0.9."""
     answer = normalize_vqa_answer(pred)
     if not answer:
         return 0.0
     matches = sum(normalize_vqa_answer(r) == answer for r in refs)
     return min(matches / 3, 1.0) if len(refs) > 1 else float(matches > 0)
+
+
+# ---------------------------------------------------------------- lenient numbers
+
+_UNITS = (*_NUMBERS, "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+          "seventeen", "eighteen", "nineteen")
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70,
+         "eighty": 80, "ninety": 90}
+_NUMBER_TEXT = {w: i for i, w in enumerate(_UNITS)} | _TENS | {
+    f"{tens}{sep}{unit}": value + k
+    for tens, value in _TENS.items() for k, unit in enumerate(_NUMBERS[1:10], 1)
+    for sep in ("-", " ")
+}
+_INTEGER = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+|[+-]?\d+(?:\.0+)?")
+
+
+def read_integer(text: str) -> int | None:
+    """The whole number an answer is, in digits ("3", "3.", "1,000", "-2") or English words up
+    to ninety-nine ("three", "twenty-one"); None when the answer is anything else."""
+    words = " ".join(text.strip().strip(".!").lower().split())
+    if words in _NUMBER_TEXT:
+        return _NUMBER_TEXT[words]
+    if _INTEGER.fullmatch(words):
+        return int(float(words.replace(",", "")))
+    return None
+
+
+def numeric_lenient(pred: str, refs: Sequence[str], match: Callable[[str, str], bool]) -> bool:
+    """Correct under ``match``, or an integer answer within 1 of an integer reference."""
+    if any(match(pred, r) for r in refs):
+        return True
+    answer = read_integer(pred)
+    return answer is not None and any(
+        (ref := read_integer(r)) is not None and abs(answer - ref) <= 1 for r in refs
+    )
 
 
 # ---------------------------------------------------------------- boxes
@@ -304,18 +379,35 @@ def score_options(predictions: dict[str, str], references: References, rule: str
 
 @SCORERS.register("word")
 def score_words(predictions: dict[str, str], references: References, rule: str) -> TaskScore:
-    """A single word or phrase, correct when it matches one reference under ``rule``."""
+    """A single word or phrase, correct when it matches one reference under ``rule``.
+
+    When some references are whole numbers, ``details["numeric_lenient"]`` also counts an
+    integer answer off by one (digits and number words alike) as correct: reported beside the
+    score, never in its place.
+    """
     match = WORD_RULES[rule]
     per_sample = _per_question(
         predictions, references, lambda pred, refs: any(match(pred, r) for r in refs)
     )
-    return _from_samples(per_sample, rule)
+    score = _from_samples(per_sample, rule)
+    if not any(read_integer(r) is not None for refs in references.values() for r in refs):
+        return score
+    lenient = _per_question(
+        predictions, references, lambda pred, refs: numeric_lenient(pred, refs, match)
+    )
+    details = {"numeric_lenient": _from_samples(lenient, rule).score}
+    return TaskScore(score.score, per_sample, details, rule)
 
 
 @SCORERS.register("vqa")
 def score_vqa(predictions: dict[str, str], references: References, rule: str) -> TaskScore:
-    """VQA accuracy over human answers (``rule`` does not apply)."""
-    return _from_samples(_per_question(predictions, references, vqa_accuracy), "vqa_accuracy")
+    """The official VQA accuracy over human answers (``rule`` does not apply); the simplified
+    min(#matches / 3, 1) is ``details["vqa_min3"]``."""
+    official = _per_question(predictions, references, vqa_accuracy)
+    simple = _from_samples(_per_question(predictions, references, vqa_accuracy_min3), "")
+    score = _from_samples(official, "vqa_official")
+    details = {"vqa_official": score.score, "vqa_min3": simple.score}
+    return TaskScore(score.score, official, details, "vqa_official")
 
 
 @SCORERS.register("bbox")
@@ -330,45 +422,25 @@ def score_yesno(predictions: dict[str, str], references: References, rule: str) 
     return _from_samples(_per_question(predictions, references, yesno_correct), "first_word")
 
 
-CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-
-
-@functools.cache
-def meteor_scorer():
-    """One METEOR Java process per Python process: starting it (loading its paraphrase tables)
-    costs seconds, each later call milliseconds."""
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    return Meteor()
-
-
-def caption_metrics(predictions: dict[str, str], references: References) -> dict[str, float]:
-    """The seven COCO caption metrics (0..1, CIDEr up to 10) on PTB-tokenised captions."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    ids = sorted(references)
-    captions = {("gt", q): [{"caption": c} for c in references[q]] for q in ids}
-    captions |= {("pred", q): [{"caption": predictions[q]}] for q in ids}
-    tokens = PTBTokenizer().tokenize(captions)  # one Java start for both sides
-    gts = {q: tokens[("gt", q)] for q in ids}
-    res = {q: tokens.get(("pred", q), [""]) for q in ids}
-    with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length ratio
-        bleu, _ = Bleu(4).compute_score(gts, res)
-    values = [*bleu]
-    for metric in (meteor_scorer(), Rouge(), Cider()):
-        value, _ = metric.compute_score(gts, res)
-        values.append(float(value))
-    return dict(zip(CAPTION_METRICS, values, strict=True))
-
-
 @SCORERS.register("caption")
 def score_captions(predictions: dict[str, str], references: References, rule: str) -> TaskScore:
-    """Mean of Bleu-1..4, METEOR, ROUGE-L and CIDEr, times 100 (HiDe appendix G); no SPICE."""
-    details = {k: 100.0 * v for k, v in caption_metrics(predictions, references).items()}
-    return TaskScore(sum(details.values()) / len(details), {}, details, "coco_caption")
+    """Mean of Bleu-1..4, METEOR, ROUGE-L and CIDEr, times 100 (HiDe appendix G); no SPICE.
+
+    A metric that fails (``tasks.captions``) is None in the details, and the score is the mean
+    of the metrics that worked, with a note naming the gap.
+    """
+    values, notes = caption_metrics(predictions, references)
+    details = {k: None if v is None else 100.0 * v for k, v in values.items()}
+    worked = [v for v in details.values() if v is not None]
+    if not worked:
+        raise CLBenchError(f"no caption metric could be computed: {'; '.join(notes)}")
+    failed = [k for k, v in details.items() if v is None]
+    if failed:
+        notes.append(
+            f"caption score = mean of {len(worked)} of {len(details)} metrics ({', '.join(failed)} "
+            "failed): not comparable with scores over all seven"
+        )
+    return TaskScore(sum(worked) / len(worked), {}, details, "coco_caption", tuple(notes))
 
 
 # ---------------------------------------------------------------- entry point

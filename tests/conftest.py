@@ -7,6 +7,7 @@ tests ran before it.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ TINY = TinyConfig(
     vision_hidden=32, vision_layers=1, projection_dim=32, text_hidden=64, text_layers=2,
     heads=2, intermediate=128, vocab_size=400,
 )
-CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24, heads=2)
+CLIP = TinyConfig(vision_hidden=32, vision_layers=1, clip_text_layers=1, projection_dim=24,
+                  heads=2)
 
 
 def fixture_answer(task, colour: str, i: int) -> tuple[str, str]:
@@ -187,3 +189,38 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ucit_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ucit_fixture(tmp_path_factory.mktemp("ucit"))
+
+
+LLAMA_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: What colour is the square? Answer the question using a single word or phrase. "
+    "ASSISTANT: red green blue",
+    "Answer with the option's letter from the given choices directly. A. red B. green C. blue",
+    "Generate a brief caption for the image. a red square on a black background 3 12 [0.1, 0.25]",
+]
+
+
+def llama_tokenizer(legacy: bool = False, vocab_size: int = 400):
+    """A Llama tokenizer (transformers' LlamaTokenizer: Metaspace, byte fallback, the legacy
+    flag) over a BPE vocabulary trained by SentencePiece here, as llava-1.5's is, with the
+    ``<image>`` token and LLaVA-1.5's pad token (unk)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LLAMA_CORPUS * 20), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    merges = generate_merges(vocab, pieces, skip_tokens={"<unk>", "<s>", "</s>"})
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy,
+                               extra_special_tokens={"image_token": "<image>"})
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer

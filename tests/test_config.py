@@ -61,3 +61,32 @@ def test_suite_named_in_file_selects_its_defaults(tmp_path: Path) -> None:
     resolve(file, defaults_for=lambda s: seen.append(s) or {})
     assert seen == ["other"]
     assert RunConfig().suite == "ucit-micro"
+
+
+def test_method_recipe_sits_below_the_suite_and_the_user() -> None:
+    from cl_bench.registry import get_suite
+
+    def suite(name):
+        return get_suite(name).defaults
+
+    assert resolve(suite="ucit", method="llava_c", defaults_for=suite).lora.rank == 128
+    assert resolve(suite="ucit", method="hide_llava", defaults_for=suite).lora.rank == 8
+    assert resolve(suite="ucit", method="finetune", defaults_for=suite).lora.rank == 8
+    micro = resolve(suite="ucit-micro", method="llava_c", defaults_for=suite)
+    assert micro.lora.rank == 16  # the CPU world's own setting wins over the paper's
+    cfg = resolve(overrides=["method=llava_c", "lora.rank=4"], suite="ucit", defaults_for=suite)
+    assert cfg.method == "llava_c" and cfg.lora.rank == 4
+    ucit = resolve(suite="ucit", method="llava_c", defaults_for=suite)
+    assert (ucit.train.global_batch_size, ucit.train.projector_lr) == (24, 2e-5)
+    assert (ucit.model.conversation, ucit.model.image_aspect_ratio) == ("vicuna_v1", "pad")
+    assert resolve(suite="llavac-ft", defaults_for=suite).train.global_batch_size == 128
+
+
+def test_the_model_key_names_the_folder_and_holds_the_settings(tmp_path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("model: /models/llava\n")
+    assert resolve(file).model.path == "/models/llava"
+    file.write_text("model: {path: /m, dtype: bf16, device: cuda:1}\n")
+    cfg = resolve(file, ["model.attn_implementation=sdpa"])
+    assert (cfg.model.path, cfg.model.dtype, cfg.model.device) == ("/m", "bf16", "cuda:1")
+    assert RunConfig(model="/x").model.path == "/x"

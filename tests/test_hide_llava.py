@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -10,52 +11,32 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CLIP
+from method_helpers import RANK, make_context, stage, trained_like
 from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
 from cl_bench.cli import main
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import generate_answers
-from cl_bench.method import MethodContext, Stage, parse_options
+from cl_bench.method import parse_options
 from cl_bench.models.batching import collate_batch
 from cl_bench.models.deltas import LoraFactors, stage_delta
 from cl_bench.models.encoders import clip_text_batch, load_encoder
 from cl_bench.models.llava import encode_prompt, load_image, load_llava
 from cl_bench.models.lora import add_lora
-from cl_bench.registry import get_method, get_suite
-from methods.hide_llava.assembly import assemble, layer_modes
-from methods.hide_llava.experts import TaskExpert, expert_model, load_experts
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
+from cl_bench.registry import get_method
+from methods.hide_llava.assembly import assemble, expert_model, layer_modes
+from methods.hide_llava.experts import TaskExpert, load_experts, set_projector
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
-from methods.hide_llava.routing import RoutedLoRALinear, Routing, anchor_similarity, routing_weights
+from methods.hide_llava.routing import routing_weights
 from reports.run_folder import read_records
 from tasks.loaders import load_samples
 
-RANK = 2
-
 
 # -- fixtures -----------------------------------------------------------------------------------
-def make_context(tiny_llava, ucit_root, run_dir: Path) -> MethodContext:
-    cfg = RunConfig(method="hide_llava", suite="ucit", seed=0)
-    cfg.lora.rank, cfg.lora.alpha = RANK, 4.0
-    return MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
-
-
-def trained_like(model: torch.nn.Module, seed: int) -> None:
-    """Stand-in for training: random non-zero LoRA B factors and a nudged projector."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                scale = 0.5 if "lora_B" in name else 0.01
-                p.add_(scale * torch.randn(p.shape, generator=gen))
-
-
-def stage(index: int, name: str) -> Stage:
-    return Stage(index, (get_suite("ucit").task(name),))
-
-
 def task_test_samples(ucit_root, task: str):
     folder = ucit_root / "UCIT" / task
     return load_samples(folder / "test.json", ucit_root / "UCIT" / "datasets")
@@ -68,13 +49,6 @@ def batch_of(bundle, ucit_root, task: str = "ImageNet-R", n: int = 3) -> dict:
 
 
 # -- eq. 3-5: routing ----------------------------------------------------------------------------
-def test_anchor_similarity_is_cosine() -> None:  # HiDe-LLaVA eq. 3
-    sims = anchor_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
-                             torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
-    half = 1 / math.sqrt(2)
-    assert torch.allclose(sims, torch.tensor([[1.0, 0.0], [half, half]]))
-
-
 def test_routing_weights_against_a_hand_computed_case() -> None:  # HiDe-LLaVA eq. 4
     image = torch.tensor([[0.9, 0.1], [0.0, 0.0]])
     text = torch.tensor([[0.5, 0.7], [0.5, 0.7]])
@@ -119,22 +93,6 @@ def test_fused_module_adds_the_fused_branch() -> None:  # HiDe-LLaVA eq. 7
     assert module.lora_parameters() == 2 * (5 + 6)
 
 
-def test_routed_module_mixes_experts_per_sample() -> None:  # HiDe-LLaVA eq. 5
-    base = torch.nn.Linear(5, 6)
-    experts = [factors(6, 5, 2, 2.0, 1), factors(6, 5, 2, 0.5, 2)]
-    routing = Routing()
-    module = RoutedLoRALinear(base, experts, routing)
-    x = torch.randn(2, 4, 5)
-    with pytest.raises(CLBenchError, match="routing weights are not set"):
-        module(x)
-    routing.weights = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
-    d0, d1 = (f.product() for f in experts)
-    expected = torch.stack([base(x[0]) + x[0] @ d0.T,
-                            base(x[1]) + x[1] @ (0.25 * d0 + 0.75 * d1).T])
-    assert torch.allclose(module(x), expected, atol=1e-5)
-    assert module.lora_parameters() == 2 * 2 * (5 + 6)
-
-
 # -- assembly ------------------------------------------------------------------------------------
 def one_expert(bundle, seed: int = 0) -> tuple[torch.nn.Module, TaskExpert]:
     """A LoRA trained (stand-in) on the base model: the plain model and the stored expert."""
@@ -150,6 +108,16 @@ def one_expert(bundle, seed: int = 0) -> tuple[torch.nn.Module, TaskExpert]:
     return plain, expert
 
 
+def merged_reference(model: torch.nn.Module, expert: TaskExpert) -> torch.nn.Module:
+    """The task's model the plain way: a full copy, its projector, its LoRA merged."""
+    single = copy.deepcopy(model)
+    set_projector(single, expert.projector)
+    with torch.no_grad():
+        for name, factors in expert.lora.items():
+            single.get_submodule(name).weight += factors.product()
+    return single
+
+
 @pytest.mark.parametrize(("layout", "fusion"), [
     ("hide", "sum"), ("hide", "reference"), ("merge_all", "sum"), ("expand_all", "sum"),
 ])
@@ -163,11 +131,13 @@ def test_with_one_task_the_assembled_model_is_the_task_model(
     routing.weights = torch.ones(batch["input_ids"].shape[0], 1)  # softmax over one task
     options = HiDeOptions(layout=layout, fusion=fusion)
     assembled, _ = assemble(plain, [expert], options, routing)
-    merged = expert_model(plain, expert)
+    merged = merged_reference(plain, expert)
     with torch.no_grad():
         got, want = assembled(**batch).logits, merged(**batch).logits
+        own = expert_model(plain, expert)(**batch).logits
         untouched = plain(**batch).logits
     assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(own, want, atol=1e-4)  # the task's own model, built without a copy
     assert not torch.allclose(untouched, want, atol=1e-3)  # the LoRA does change the model
 
 
@@ -189,7 +159,7 @@ def test_table_3_layouts_and_parameters_loaded(tiny_llava) -> None:
     bundle = load_llava(tiny_llava)
     plain, expert = one_expert(bundle)
     experts = [expert, expert]
-    modes = layer_modes(experts, "hide", 1, 2)
+    modes = layer_modes(plain, experts, "hide", 1)
     assert {m for n, m in modes.items() if ".layers.1." in n} == {"expand"}
     assert {m for n, m in modes.items() if ".layers.0." in n} == {"merge"}
     # one rank-r LoRA on a tiny layer: q, k, v, o (64 -> 64), gate, up (64 -> 128), down
@@ -259,7 +229,7 @@ def test_expert_files_round_trip_and_missing_anchors_are_named(tiny_llava, tmp_p
 
 
 def test_options_are_checked(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     with pytest.raises(CLBenchError, match="method.layout='expand_top'"):
         HiDeLLaVA(parse_options(HiDeLLaVA, {"layout": "expand_top"}), ctx)
     with pytest.raises(CLBenchError, match="needs a feature encoder"):
@@ -285,7 +255,7 @@ def test_ablations_are_registered_methods() -> None:
 
 # -- the method through its hooks -----------------------------------------------------------------
 def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
-    ctx = make_context(tiny_llava, ucit_root, tmp_path)
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     method = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)
     model = ctx.bundle.model
     for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):

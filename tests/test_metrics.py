@@ -16,6 +16,7 @@ from cl_bench.metrics import (
     fwt,
     last,
     maa,
+    metric_name,
     mft,
     summarize,
 )
@@ -60,6 +61,29 @@ def test_forgetting_uses_stages_before_the_last_not_zero_shot() -> None:
     # task 1: max(R[1][1], R[2][1]) - R[3][1] = max(50, 60) - 30 = 30
     # task 2: max(R[1][2], R[2][2]) - R[3][2] = max(25, 60) - 55 = 5 (zero-shot 90 not counted)
     assert forgetting(R) == pytest.approx([30.0, 5.0])
+
+
+def test_forgetting_counts_only_stages_since_the_task_was_learned() -> None:
+    # Task 2 scores 80 after stage 1 (transfer, before it was learned), 60 right after learning
+    # it at stage 2, 55 at the end. Forgetting_2 = max(R[2][2]) - R[3][2] = 60 - 55 = 5, not
+    # max(80, 60) - 55 = 25; task 1: max(50, 60) - 30 = 30.
+    transfer = [
+        [10.0, 90.0, 30.0],
+        [50.0, 80.0, 35.0],
+        [60.0, 60.0, 45.0],
+        [30.0, 55.0, 70.0],
+    ]
+    assert forgetting(transfer) == pytest.approx([30.0, 5.0])
+    assert summarize(transfer)["Forgetting"] == pytest.approx(17.5)  # (30 + 5) / 2
+
+
+def test_mcitlib_names_are_aliases() -> None:
+    # MCITlib's MFN (mean final accuracy) is Last; its MFT, MAA and BWT are ours by name.
+    assert metric_name("MFN") == metric_name("mfn") == metric_name("Last") == "Last"
+    assert [metric_name(m) for m in ("MFT", "MAA", "BWT")] == ["MFT", "MAA", "BWT"]
+    assert summarize(R)[metric_name("MFN")] == pytest.approx(155 / 3)
+    with pytest.raises(CLBenchError, match="unknown metric 'MNF'.*'MFN'"):
+        metric_name("MNF")
 
 
 def test_fwt() -> None:

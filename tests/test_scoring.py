@@ -7,16 +7,18 @@ import random
 import pytest
 
 from cl_bench.errors import CLBenchError
+from tasks.captions import CAPTION_METRICS
 from tasks.scoring import (
-    CAPTION_METRICS,
     SCORERS,
     TaskScore,
     extract_option_letter,
     iou,
     normalize_vqa_answer,
     parse_box,
+    read_integer,
     score_task,
     vqa_accuracy,
+    vqa_accuracy_min3,
 )
 
 # ---------------------------------------------------------------- option letters
@@ -167,14 +169,44 @@ def test_vqa_accuracy_with_ten_human_answers() -> None:
     # normalised: 2, 2, 2, 3, 3, 2, dog, dog, dog, dogs
     refs = {"q1": humans, "q2": humans, "q3": humans, "q4": humans, "q5": humans}
     preds = {"q1": "2", "q2": "Three", "q3": "dogs", "q4": "The dog.", "q5": "cat"}
-    # q1: 4 humans said "2" -> min(4/3, 1) = 1; q2: 2 said "3" -> 2/3; q3: 1 said "dogs" -> 1/3
-    # q4: 3 said "dog" -> 1; q5: 0 -> 0. Score = 100 * (1 + 2/3 + 1/3 + 1 + 0) / 5 = 60
+    # Official: mean over the 10 leave-one-out sets of min(matches among the other 9 / 3, 1).
+    # q1: 4 said "2": leaving out a "2" leaves 3 -> 1, any other leaves 4 -> 1; mean 1
+    # q2: 2 said "3": (2 * min(1/3, 1) + 8 * min(2/3, 1)) / 10 = (2/3 + 16/3) / 10 = 0.6
+    # q3: 1 said "dogs": (1 * 0 + 9 * 1/3) / 10 = 0.3
+    # q4: 3 said "dog": (3 * 2/3 + 7 * 1) / 10 = 0.9; q5: 0
+    # Score = 100 * (1 + 0.6 + 0.3 + 0.9 + 0) / 5 = 56
     result = score_task("vqa", preds, refs)
     assert result.per_sample == pytest.approx(
-        {"q1": 1.0, "q2": 2 / 3, "q3": 1 / 3, "q4": 1.0, "q5": 0.0}
+        {"q1": 1.0, "q2": 0.6, "q3": 0.3, "q4": 0.9, "q5": 0.0}
     )
-    assert result.score == pytest.approx(60.0)
-    assert result.rule == "vqa_accuracy"
+    assert result.score == pytest.approx(56.0)
+    assert result.rule == "vqa_official"
+    # The simplified form, beside it: min(matches / 3, 1) over all 10
+    # = 100 * (1 + 2/3 + 1/3 + 1 + 0) / 5 = 60
+    assert result.details == pytest.approx({"vqa_official": 56.0, "vqa_min3": 60.0})
+
+
+@pytest.mark.parametrize(
+    "matching, official, simple",
+    # n = 10 answers, m matching: official = (m * min((m-1)/3, 1) + (10-m) * min(m/3, 1)) / 10
+    [(0, 0.0, 0.0), (1, 0.3, 1 / 3), (2, 0.6, 2 / 3), (3, 0.9, 1.0), (4, 1.0, 1.0),
+     (10, 1.0, 1.0)],
+)
+def test_official_vqa_accuracy_leaves_each_answer_out(
+    matching: int, official: float, simple: float
+) -> None:
+    humans = ["cat"] * matching + ["dog"] * (10 - matching)
+    assert vqa_accuracy("Cat", humans) == pytest.approx(official)
+    assert vqa_accuracy_min3("Cat", humans) == pytest.approx(simple)
+
+
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"), ("Im", "i'm"),
+     ("twas", "'twas")],
+)
+def test_contractions_missing_some_apostrophes(raw: str, normalised: str) -> None:
+    assert normalize_vqa_answer(raw) == normalised
 
 
 def test_vqa_single_reference_is_exact_match() -> None:
@@ -182,6 +214,32 @@ def test_vqa_single_reference_is_exact_match() -> None:
     assert vqa_accuracy("cats", ["cat"]) == 0.0
     assert vqa_accuracy("", [""]) == 0.0  # empty never correct
     assert vqa_accuracy("", ["a", "the"]) == 0.0
+
+
+# ---------------------------------------------------------------- lenient numbers
+
+
+@pytest.mark.parametrize(
+    "text, number",
+    [("3", 3), (" 3. ", 3), ("three", 3), ("Twenty-one", 21), ("ninety nine", 99), ("1,000", 1000),
+     ("3.0", 3), ("-2", -2), ("3.5", None), ("none", None), ("a 3", None), ("", None),
+     ("3 cubes", None)],
+)
+def test_read_integer(text: str, number: int | None) -> None:
+    assert read_integer(text) == number
+
+
+def test_lenient_numbers_are_reported_beside_the_exact_score() -> None:
+    refs = {f"q{i}": [r] for i, r in enumerate(["3", "3", "3", "3", "10", "cube", "cube", "0"])}
+    preds = dict(zip(refs, ["3", "4", "5", "three", "nine.", "cube", "sphere", ""], strict=True))
+    # exact: q0, q5 -> 2 / 8 = 25; lenient adds q1 (off by one), q3 ("three" = 3), q4 (9 vs 10):
+    # 5 / 8 = 62.5 (q2 is off by two, q6 a wrong word, q7 empty)
+    result = score_task("word", preds, refs)
+    assert result.score == pytest.approx(25.0)
+    assert result.per_sample["q1"] == 0.0  # the exact score is never replaced
+    assert result.details == {"numeric_lenient": pytest.approx(62.5)}
+    words = score_task("word", {"q": "cat"}, {"q": ["dog"]})
+    assert words.details == {}  # no whole-number reference: no lenient score
 
 
 # ---------------------------------------------------------------- boxes
@@ -331,3 +389,24 @@ def test_caption_scores_identical_captions_above_wrong_ones() -> None:
     assert good.score == pytest.approx(sum(good.details.values()) / 7)
     assert good.score > bad.score >= 0.0
     assert good.per_sample == {}
+
+
+def test_caption_metrics_keep_each_caption_on_its_question() -> None:
+    # A line break or Unicode line separator inside a caption used to split it in two for the
+    # PTB tokenizer and shift every later caption onto the wrong question, silently.
+    refs = {
+        "a": ["a red square\r\non white"], "b": ["a blue\u2028circle"], "c": ["two green dogs"],
+    }
+    preds = {"a": "a red square on white", "b": "a blue circle", "c": "two green dogs"}
+    result = score_task("caption", preds, refs)
+    assert result.notes == ()
+    assert result.details["Bleu_1"] == pytest.approx(100.0)
+    assert result.details["METEOR"] == pytest.approx(100.0, abs=1.0)
+
+
+def test_an_empty_prediction_set_gives_a_score() -> None:
+    refs = {"a": ["a red square"], "b": ["a blue circle", "one blue circle"]}
+    result = score_task("caption", {"a": "", "b": "   "}, refs)
+    assert result.notes == ()
+    assert all(v is not None for v in result.details.values())
+    assert result.score == pytest.approx(0.0, abs=1e-6)

@@ -206,8 +206,9 @@ def test_adversarial_answers_on_real_tasks(roots: dict[str, Path]) -> None:
     vqa = task_test_samples("coin", "VQAv2", roots["coin"])[0]
     answer = vqa.references[0]
     assert score_task("vqa", {vqa.id: answer.upper()}, {vqa.id: list(vqa.references)}).score == 100
+    # one of ten humans said "white": official VQA accuracy (1 * 0 + 9 * 1/3) / 10 = 0.3
     assert score_task("vqa", {vqa.id: "white"}, {vqa.id: list(vqa.references)}).score == (
-        pytest.approx(100 / 3))
+        pytest.approx(30.0))
 
 
 # ---------------------------------------------------------------- data check: good data
@@ -429,6 +430,13 @@ def test_quick_sequential_run_with_a_letter_order(
     assert summary["Avg"] is not None
     rows = read_records(tmp_path / "run" / "predictions" / "stage_2" / "TextVQA.jsonl")
     assert all(len(r["references"]) == 10 for r in rows)
+    final = read_records(tmp_path / "run" / "records.jsonl")[-1]
+    assert set(final["details"]["TextVQA"]) == {"vqa_official", "vqa_min3"}
+    assert final["scores"]["TextVQA"] == final["details"]["TextVQA"]["vqa_official"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| Avg | Last (MFN) | MFT |" in report
+    assert "## Task metrics beside the scores (stage 2)" in report
+    assert "| TextVQA | " in report and "vqa_official" in report and "vqa_min3" in report
 
 
 # ---------------------------------------------------------------- reference files and records

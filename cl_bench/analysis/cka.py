@@ -8,7 +8,6 @@ pure function; ``layer_features`` collects one feature vector per sample and dec
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,12 +16,13 @@ from pathlib import Path
 import torch
 
 from cl_bench.errors import CLBenchError
+from cl_bench.models.backbones import backbone_of
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import ModelBundle
+from cl_bench.models.placement import to_model
 from tasks.loaders import Sample, load_samples, load_test_samples
 
 FEATURE_POINTS = ("mlp", "block")
-_LAYER = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)$")
 
 
 def centered(x: torch.Tensor) -> torch.Tensor:
@@ -56,18 +56,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     if norm_x == 0 or norm_y == 0:
         raise CLBenchError("CKA is undefined for a constant representation")
     return float(cross / (norm_x * norm_y))  # HiDe-LLaVA app. B, step 3
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The language model's decoder layers, bottom to top (PEFT-wrapped or not)."""
-    found: dict[int, torch.nn.Module] = {}
-    for name, module in model.named_modules():
-        match = _LAYER.search(name)
-        if match:
-            found[int(match.group(1))] = module
-    if not found:
-        raise CLBenchError("no decoder layers (language_model.layers.N) found in the model")
-    return [found[i] for i in sorted(found)]
 
 
 def _probe_point(layer: torch.nn.Module, point: str) -> torch.nn.Module:
@@ -116,16 +104,15 @@ def layer_features(
     ``point="mlp"`` records the MLP output (``down_proj``, as the HiDe-LLaVA reference code
     does); ``"block"`` the decoder layer's output (the residual stream).
     """
-    modules = [_probe_point(layer, point) for layer in decoder_layers(model)]
+    modules = [_probe_point(layer, point) for layer in backbone_of(model).decoder_layers(model)]
     store: list[list[torch.Tensor]] = [[] for _ in modules]
     mask: list[torch.Tensor] = []
-    device = next(model.parameters()).device
     model.eval()
     with _recording(modules, store, mask):
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             items = [prompt_item(bundle, s.question, s.image) for s in chunk]
-            batch = {k: v.to(device) for k, v in collate_batch(items, bundle).items()}
+            batch = to_model(collate_batch(items, bundle), model)
             mask[:] = [batch["attention_mask"]]
             model(**batch)
     return [torch.cat(parts) for parts in store]

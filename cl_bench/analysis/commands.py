@@ -60,7 +60,7 @@ def _task_name(suite, given: str) -> str:
 def analyze_cka(args: argparse.Namespace) -> Path:
     """Compute the rows and write ``cka.csv``, ``cka.md`` and the heatmaps under ``--out``."""
     from cl_bench.analysis.cka import CkaSubject, pairwise, subject_features, task_samples
-    from cl_bench.config import RunConfig
+    from cl_bench.config import resolve
     from cl_bench.method import MethodContext
     from cl_bench.models.llava import load_llava
     from cl_bench.registry import get_method, get_suite
@@ -68,9 +68,12 @@ def analyze_cka(args: argparse.Namespace) -> Path:
     from cl_bench.running.runner import resolve_data_root, resolve_model
     from reports.cka_plot import CkaRow, write_cka_report
 
-    run_cfg = RunFolder(args.run).read_config() if args.run else RunConfig()
-    if args.suite:
-        run_cfg.suite = args.suite
+    if args.run:
+        run_cfg = RunFolder(args.run).read_config()
+        if args.suite:
+            run_cfg.suite = args.suite
+    else:  # the suite's model settings (e.g. the micro world's prompt format)
+        run_cfg = resolve(defaults_for=lambda name: get_suite(name).defaults, suite=args.suite)
     if args.data_root:
         run_cfg.data_root = args.data_root
     suite = get_suite(run_cfg.suite)
@@ -81,7 +84,7 @@ def analyze_cka(args: argparse.Namespace) -> Path:
 
     subjects: list[CkaSubject] = []
     if args.run:
-        base = load_llava(resolve_model(suite, run_cfg))
+        base = load_llava(resolve_model(suite, run_cfg), run_cfg.model)
         spec = get_method(run_cfg.method)
         method = spec.cls(spec.options(run_cfg.method_options),
                           MethodContext(run_cfg, suite, root, base, args.run))
@@ -114,7 +117,7 @@ def analyze_cka(args: argparse.Namespace) -> Path:
         if path_a == path_b and task_a == task_b:
             raise CLBenchError("analyze cka: the same model on the same task is trivially 1")
         for label, path, task in (("A", path_a, task_a), ("B", path_b, task_b)):
-            bundle = load_llava(path)
+            bundle = load_llava(path, run_cfg.model)
             subjects.append(subject_features(
                 f"{label}={path.name}", bundle.model, bundle, task, samples(task),
                 args.features, args.batch_size,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from cl_bench.evaluation import degradation
 from cl_bench.evaluation.general import evaluate_general
 from cl_bench.evaluation.generation import evaluate_task
 from cl_bench.method import Method, MethodContext
-from cl_bench.models.deltas import StageDelta, apply_delta, load_stage_delta
+from cl_bench.models.deltas import StageDelta, load_stage_delta
 from cl_bench.models.llava import load_llava
+from cl_bench.models.updates import Update, apply_delta, updatable
 from cl_bench.registry import get_method, get_suite
 from cl_bench.running.run_folder import RunFolder
 from cl_bench.running.runner import load_test_sets, log, resolve_data_root, resolve_model
@@ -52,11 +54,32 @@ def parse_alphas(text: str) -> list[float]:
     return values
 
 
-def touched(model: torch.nn.Module, delta: StageDelta) -> dict[str, torch.Tensor]:
-    """The tensors a stage's update changes, by name (weights of LoRA'd modules, full params)."""
+@dataclass
+class Mark:
+    """What undoing the next application of a stage's update needs: per updated layer, its
+    number of updates (and, if merged into float32 weights, the weight); full parameters."""
+
+    layers: dict[str, tuple[int, torch.Tensor | None]]
+    full: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def mark(model: torch.nn.Module, delta: StageDelta) -> Mark:
+    layers = {}
+    for name in delta.lora:
+        layer = updatable(model, name)
+        layers[name] = (len(layer.ranks), layer.weight.detach().clone() if layer.merged else None)
     params = dict(model.named_parameters())
-    names = [f"{m}.weight" for m in delta.lora] + list(delta.full)
-    return {n: params[n] for n in names}
+    return Mark(layers, {name: params[name].detach().clone() for name in delta.full})
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, marked: Mark) -> None:
+    for name, (stages, weight) in marked.layers.items():
+        updatable(model, name).truncate(stages, weight)
+    params = dict(model.named_parameters())
+    for name, value in marked.full.items():
+        params[name].copy_(value)
 
 
 def sweep_alpha(
@@ -83,17 +106,16 @@ def sweep_alpha(
     tasks = suite.resolve_order(cfg.order)
     data_root = resolve_data_root(suite, cfg)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
-    bundle = load_llava(resolve_model(suite, cfg))
+    bundle = load_llava(resolve_model(suite, cfg), cfg.model)
     ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
     run_method, swept = spec.cls(run_options, ctx), spec.cls(swept_options, ctx)
     model = bundle.model
-    with torch.no_grad():
-        for delta in deltas[:-1]:
-            apply_delta(model, delta, lambda u: run_method.consolidation(u)(None))
-        saved = {n: t.detach().clone() for n, t in touched(model, deltas[-1]).items()}
-    at_alpha: dict[int, Callable[[float | None], torch.Tensor]] = {}
+    for delta in deltas[:-1]:
+        apply_delta(model, delta, lambda u: run_method.consolidation(u)(None))
+    before_swept = mark(model, deltas[-1])
+    at_alpha: dict[int, Callable[[float | None], Update]] = {}
 
-    def consolidate(update, alpha: float) -> torch.Tensor:
+    def consolidate(update, alpha: float) -> Update:
         if id(update) not in at_alpha:  # each update of the swept stage is decomposed once
             at_alpha[id(update)] = swept.consolidation(update)
         return at_alpha[id(update)](alpha)
@@ -104,10 +126,8 @@ def sweep_alpha(
     rows = []
     for alpha in alphas:
         t0 = time.time()
-        with torch.no_grad():
-            for name, tensor in touched(model, deltas[-1]).items():
-                tensor.copy_(saved[name])
-            apply_delta(model, deltas[-1], lambda u, a=alpha: consolidate(u, a))
+        restore(model, before_swept)
+        apply_delta(model, deltas[-1], lambda u, a=alpha: consolidate(u, a))
         seconds = time.time() - t0
         row = {"alpha": alpha, "consolidation_seconds": round(seconds, 3)}
         for task in tasks:

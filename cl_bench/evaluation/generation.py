@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import ModelBundle
+from cl_bench.models.placement import to_model
 from tasks.loaders import Sample
 from tasks.scoring import TaskScore, score_task
 
@@ -64,7 +65,7 @@ def generate_texts(
         items = [prompt_item(bundle, question, image) for question, image in chunk]
         if before_batch is not None:
             before_batch([(q, item["image"]) for (q, _), item in zip(chunk, items, strict=True)])
-        batch = collate_batch(items, bundle, left_pad=True)
+        batch = to_model(collate_batch(items, bundle, left_pad=True), model)
         out = model.generate(**batch, generation_config=config)
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         decoded = bundle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

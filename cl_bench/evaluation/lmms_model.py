@@ -19,6 +19,8 @@ from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import BeforeBatch, generate_texts
 from cl_bench.models.batching import collate_batch
 from cl_bench.models.llava import ModelBundle, encode_prompt, load_image
+from cl_bench.models.placement import to_model
+from tasks.images import to_rgb
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -95,10 +97,12 @@ class ClBenchLMM(lmms):
             self.before_batch([(question, image)])
         prompt = encode_prompt(self.bundle, question, image is not None)
         cont = self.bundle.tokenizer(continuation, add_special_tokens=False).input_ids
-        batch = collate_batch([{"ids": prompt + cont, "image": image}], self.bundle)
+        batch = to_model(collate_batch([{"ids": prompt + cont, "image": image}], self.bundle),
+                         self.model)
         logits = self.model(**batch).logits[0, len(prompt) - 1 : -1].float()
-        target_ids = torch.tensor(cont)
-        logprob = torch.log_softmax(logits, dim=-1)[torch.arange(len(cont)), target_ids]
+        target_ids = torch.tensor(cont, device=logits.device)
+        rows = torch.arange(len(cont), device=logits.device)
+        logprob = torch.log_softmax(logits, dim=-1)[rows, target_ids]
         return float(logprob.sum()), bool((logits.argmax(-1) == target_ids).all())
 
 
@@ -120,7 +124,7 @@ def first_image(visuals, task: str) -> Image.Image | None:
     if not isinstance(image, Image.Image):
         raise CLBenchError(f"lmms-eval task {task} gives {type(image).__name__} inputs; "
                            "cl-bench's bridge answers image and text tasks only")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def cut_at(text: str, until: tuple[str, ...]) -> str:

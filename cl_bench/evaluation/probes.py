@@ -30,6 +30,7 @@ from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import BeforeBatch, generate_texts
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import ModelBundle
+from cl_bench.models.placement import to_model
 from tasks.loaders import read_records
 
 PROBE_TOKENS = 64  # the runner gives the probes at least this many new tokens (full sentences)
@@ -149,7 +150,7 @@ def final_hidden_states(
         items = [prompt_item(bundle, q.text, q.image) for q in chunk]
         if before_batch is not None:
             before_batch([(q.text, item["image"]) for q, item in zip(chunk, items, strict=True)])
-        batch = collate_batch(items, bundle)
+        batch = to_model(collate_batch(items, bundle), model)
         hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
         keep = batch["attention_mask"].bool() & (batch["input_ids"] != bundle.image_token_id)
         states += [hidden[row][keep[row]].float().cpu() for row in range(len(chunk))]

@@ -16,11 +16,12 @@ from cl_bench.models.llava import (
     encode_prompt,
     load_image,
 )
+from tasks.images import to_rgb
 from tasks.loaders import Sample
 
 
 class ConversationDataset(Dataset):
-    """Samples encoded on access: ids, labels and the image (if any)."""
+    """Samples encoded on access: ids, labels, the image (if any) and the first question."""
 
     def __init__(self, samples: list[Sample], bundle: ModelBundle, max_length: int) -> None:
         self.samples, self.bundle, self.max_length = samples, bundle, max_length
@@ -33,7 +34,7 @@ class ConversationDataset(Dataset):
         has_image = sample.image is not None
         ids, labels = encode_conversation(self.bundle, sample.turns, has_image, self.max_length)
         image = load_image(sample.image) if has_image else None
-        return {"ids": ids, "labels": labels, "image": image}
+        return {"ids": ids, "labels": labels, "image": image, "question": sample.question}
 
 
 def prompt_item(bundle: ModelBundle, question: str, image: Path | Image.Image | None) -> dict:
@@ -41,12 +42,13 @@ def prompt_item(bundle: ModelBundle, question: str, image: Path | Image.Image | 
     if isinstance(image, Path):
         image = load_image(image)
     elif image is not None:
-        image = image.convert("RGB")
+        image = to_rgb(image)
     return {"ids": encode_prompt(bundle, question, image is not None), "image": image}
 
 
 def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False) -> dict:
-    """Pad a batch (right for training, left for generation) and stack its images."""
+    """Pad a batch (right for training, left for generation) and stack its images, on the CPU
+    (``placement.to_model`` moves it to the model's device)."""
     pad = bundle.tokenizer.pad_token_id
     width = max(len(item["ids"]) for item in items)
     input_ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -64,9 +66,7 @@ def collate_batch(items: list[dict], bundle: ModelBundle, left_pad: bool = False
         batch["labels"] = labels
     images = [item["image"] for item in items if item["image"] is not None]
     if images:
-        batch["pixel_values"] = bundle.processor.image_processor(
-            images, return_tensors="pt"
-        )["pixel_values"]
+        batch["pixel_values"] = bundle.pixel_values(images)
     return batch
 
 

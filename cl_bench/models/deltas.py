@@ -2,12 +2,13 @@
 
 A stage trains a LoRA on the language model plus, optionally, full parameters (the projector).
 Its update is kept as LoRA factors where it was a LoRA, so that consolidation and later alpha
-sweeps never need the M x N product before the final merge.
+sweeps never need the M x N product. Stored on the CPU; ``cl_bench.models.updates.apply_delta``
+moves what it applies to the model's device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,8 @@ class StageDelta:
             meta[name] = repr(f.scaling)
         tensors |= {f"full::{name}": t for name, t in self.full.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> StageDelta:
@@ -65,6 +67,47 @@ class StageDelta:
                 B = tensors[f"lora::{name}::B"]
                 delta.lora[name] = LoraFactors(B, tensor, float(meta[name]))
         return delta
+
+
+def save_lora_file(
+    path: Path,
+    lora: dict[str, LoraFactors],
+    tensors: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, str] | None = None,
+) -> Path:
+    """LoRA factors by module name, other named tensors and string metadata in one safetensors
+    file (a stored expert of a method that keeps one LoRA per task); tensors go to the CPU."""
+    meta = dict(meta or {})
+    if "scalings" in meta or any(k.startswith("lora::") for k in tensors or {}):
+        raise CLBenchError("'scalings' and 'lora::' names are reserved in a LoRA file")
+    stored = {k: t for k, t in (tensors or {}).items()}
+    for name, f in lora.items():
+        stored[f"lora::{name}::A"], stored[f"lora::{name}::B"] = f.A, f.B
+    meta["scalings"] = json.dumps({name: f.scaling for name, f in lora.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in stored.items()}, str(path), meta)
+    return path
+
+
+def load_lora_file(
+    path: Path,
+) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor], dict[str, str]]:
+    """What ``save_lora_file`` wrote: (LoRA factors, other tensors, metadata)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CLBenchError(f"stored LoRA file {path} is missing")
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    if "scalings" not in meta:
+        raise CLBenchError(f"{path} is not a stored LoRA file (no 'scalings' metadata)")
+    scalings = json.loads(meta.pop("scalings"))
+    lora = {
+        name: LoraFactors(tensors.pop(f"lora::{name}::B"), tensors.pop(f"lora::{name}::A"), s)
+        for name, s in scalings.items()
+    }
+    return lora, tensors, meta
 
 
 def delta_path(run_dir: Path, stage: int) -> Path:
@@ -111,32 +154,3 @@ def stage_delta(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Stag
     params = {strip_prefix(n): p for n, p in model.named_parameters()}
     delta.full = {name: params[name].detach() - old for name, old in before.items()}
     return delta
-
-
-Consolidate = Callable[[LoraFactors | torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def apply_delta(
-    model: torch.nn.Module,
-    delta: StageDelta,
-    consolidate: Consolidate,
-    base: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Add each consolidated update to a plain model's weights.
-
-    Full parameters are set to ``base[name] + consolidate(delta)`` when ``base`` is given (the
-    model still holds the trained values), else the update is added in place.
-    """
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    for name, factors in delta.lora.items():
-        if name not in modules:
-            raise CLBenchError(f"stored delta names module {name!r}, absent from the model")
-        weight = modules[name].weight
-        weight += consolidate(factors).to(weight.dtype)
-    for name, update in delta.full.items():
-        if name not in params:
-            raise CLBenchError(f"stored delta names parameter {name!r}, absent from the model")
-        start = base[name] if base is not None else params[name].detach().clone()
-        params[name].copy_(start + consolidate(update).to(start.dtype))

@@ -7,6 +7,9 @@ code) or its projected embedding, of the text truncated to the tower's 77 positi
 
 ``llava``: no CLIP text tower needed: the LLaVA's own vision tower (pooled CLS output) for
 images and the mean of its language model's input embeddings for text.
+
+Both run on the LLaVA's device, in its dtype, and preprocess images as the run does
+(``model.image_aspect_ratio``, through the model's backbone); features come back float32.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.llava import ModelBundle
+from cl_bench.models.placement import compute_dtype, device_of
+
+if TYPE_CHECKING:
+    from cl_bench.method import MethodContext
 
 TEXT_FEATURES = ("pooled", "projected")
 LLAVA_ENCODER = "llava"
@@ -33,6 +41,7 @@ class ClipEncoder:
     tokenizer: object
     image_processor: object
     path: Path
+    bundle: ModelBundle
     text_feature: str = "pooled"
 
     @property
@@ -41,11 +50,12 @@ class ClipEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return device_of(self.model)
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixels = self.bundle.backbone.pixel_values(self.image_processor, images,
+                                                   self.bundle.image_aspect_ratio)
         pooled = self.model.vision_model(pixel_values=pixels.to(self.device)).pooler_output
         return self.model.visual_projection(pooled).float()
 
@@ -105,10 +115,9 @@ class LlavaEncoder:
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        pixels = self.bundle.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        tower = self._model.model.vision_tower
-        device = next(tower.parameters()).device
-        return tower(pixel_values=pixels.to(device)).pooler_output.float()
+        tower = self.bundle.backbone.vision_tower(self._model)
+        pixels = self.bundle.pixel_values(images).to(device_of(tower))
+        return tower(pixel_values=pixels).pooler_output.float()
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
@@ -118,7 +127,7 @@ class LlavaEncoder:
             ids = self.bundle.tokenizer(text, add_special_tokens=False).input_ids or [
                 self.bundle.tokenizer.eos_token_id
             ]
-            rows.append(embed(torch.tensor(ids, device=embed.weight.device)).mean(0))
+            rows.append(embed(torch.tensor(ids, device=embed.weight.device)).float().mean(0))
         return torch.stack(rows).float()
 
     def parameter_count(self) -> int:
@@ -152,8 +161,28 @@ def load_encoder(spec: str, bundle: ModelBundle, text_feature: str = "pooled") -
         processor = _image_processor_class().from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise CLBenchError(f"cannot load a CLIP model from {folder}: {err}") from None
-    device = next(bundle.model.parameters()).device
-    return ClipEncoder(model.to(device).eval(), tokenizer, processor, folder, text_feature)
+    model = model.to(device_of(bundle.model), compute_dtype(bundle.model)).eval()
+    return ClipEncoder(model, tokenizer, processor, folder, bundle, text_feature)
+
+
+def suite_encoder(
+    spec: str | None, context: MethodContext, text_feature: str, method: str
+) -> Encoder:
+    """The encoder a method's ``encoder`` option names (a CLIP folder or ``llava``), else the
+    suite's default (the micro world's tiny CLIP); a clear error when there is neither."""
+    suite = context.suite
+    if spec is None and suite.default_encoder:
+        from cl_bench.registry import call_target
+        from cl_bench.running.runner import cache_dir
+
+        spec = str(call_target(suite.default_encoder, cache_dir()))
+    if spec is None:
+        raise CLBenchError(
+            f"{method} needs a feature encoder and suite {suite.name} has no default: give "
+            "method.encoder=PATH (a local CLIP folder, e.g. clip-vit-large-patch14-336) or "
+            f"method.encoder={LLAVA_ENCODER}"
+        )
+    return load_encoder(spec, context.bundle, text_feature)
 
 
 def _image_processor_class() -> type:

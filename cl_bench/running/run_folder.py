@@ -2,12 +2,16 @@
 
 ``config.yaml``, ``matrix.csv``, ``records.jsonl`` (one line per completed stage),
 ``summary.json``, ``predictions/stage_<t>/<task>.jsonl``, ``report.md`` and
-``checkpoints/stage_<t>/`` (the latest completed stage only).
+``checkpoints/stage_<t>/`` (the latest trained stage, written before its evaluation; the one
+before it is removed once that evaluation is recorded). A checkpoint folder appears whole (it is
+written under another name, then renamed), so its presence means the stage's training is kept.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from cl_bench.config import RunConfig, from_dict, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import TaskResult
 from tasks.loaders import Sample
+
+TRAINING_FILE = "training.json"  # in a checkpoint: the stage's training metrics and time
 
 
 @dataclass
@@ -66,6 +72,26 @@ class RunFolder:
 
     def checkpoint(self, stage: int) -> Path:
         return self.path / "checkpoints" / f"stage_{stage}"
+
+    def last_checkpoint(self) -> int:
+        """The latest stage with a complete checkpoint (0: none)."""
+        folder = self.path / "checkpoints"
+        stages = [int(p.name.removeprefix("stage_")) for p in folder.glob("stage_*")
+                  if p.is_dir() and p.name.removeprefix("stage_").isdigit()] \
+            if folder.is_dir() else []
+        return max(stages, default=0)
+
+    def write_checkpoint(self, stage: int, write: Callable[[Path], None], training: dict) -> Path:
+        """Write stage ``stage``'s checkpoint (``write(folder)`` plus the training record),
+        appearing at its final path only once complete."""
+        final = self.checkpoint(stage)
+        staging = final.with_name(final.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        (staging / TRAINING_FILE).write_text(json.dumps(training))
+        staging.rename(final)
+        return final
 
 
 def run_path(cfg: RunConfig) -> Path:

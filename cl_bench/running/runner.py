@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from cl_bench.config import RunConfig, to_dict
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation import degradation
@@ -22,9 +24,10 @@ from cl_bench.evaluation.generation import TaskResult, evaluate_task
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.metrics import summarize
 from cl_bench.models.llava import load_llava
+from cl_bench.models.placement import compute_dtype, device_of
 from cl_bench.registry import call_target, get_method, get_suite
-from cl_bench.running.run_folder import RunFolder, create_folder, reopen_folder
-from cl_bench.running.training import train_model
+from cl_bench.running.run_folder import TRAINING_FILE, RunFolder, create_folder, reopen_folder
+from cl_bench.running.training import MethodState, train_model
 from tasks.data_check import require_valid_data
 from tasks.loaders import load_test_samples
 from tasks.suite import Suite, TaskSpec
@@ -56,8 +59,8 @@ def resolve_data_root(suite: Suite, cfg: RunConfig) -> Path:
 
 
 def resolve_model(suite: Suite, cfg: RunConfig) -> Path:
-    if cfg.model:
-        return Path(cfg.model).expanduser()
+    if cfg.model.path:
+        return Path(cfg.model.path).expanduser()
     if suite.default_model:
         return Path(call_target(suite.default_model, cache_dir()))
     raise CLBenchError(f"suite {suite.name} needs --model PATH (a local LLaVA folder)")
@@ -102,6 +105,8 @@ def evaluate_all(
         folder.write_predictions(stage, result, test_sets[task.name])
         results[task.name] = result
         log(f"stage {stage}: {task.name} = {result.score.score:.2f}")
+        for note in result.score.notes:
+            log(f"stage {stage}: {task.name}: {note}")
     return results
 
 
@@ -111,6 +116,7 @@ def stage_record(stage: Stage | None, results: dict[str, TaskResult], extra: dic
         "trained_on": [t.name for t in stage.tasks] if stage else [],
         "scores": {name: r.score.score for name, r in results.items()},
         "details": {name: r.score.details for name, r in results.items() if r.score.details},
+        "notes": {name: list(r.score.notes) for name, r in results.items() if r.score.notes},
         **extra,
     }
 
@@ -129,12 +135,13 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     spec = get_method(cfg.method)
     options = spec.options(cfg.method_options)
     tasks = suite.resolve_order(cfg.order)
+    data_root = resolve_data_root(suite, cfg)
+    require_valid_data(suite, data_root, tasks, cache_dir() / "verified-images")
     folder = reopen_folder(cfg) if resume else create_folder(cfg)
     trackers = Trackers(cfg.report_to, folder.path, to_dict(cfg))
-    data_root = resolve_data_root(suite, cfg)
-    require_valid_data(suite, data_root, tasks)
     test_sets = load_test_sets(suite, tasks, data_root, cfg)
-    bundle = load_llava(resolve_model(suite, cfg))
+    bundle = load_llava(resolve_model(suite, cfg), cfg.model)
+    log(f"model on {device_of(bundle.model)} in {compute_dtype(bundle.model)}")
     ctx = MethodContext(cfg, suite, data_root, bundle, folder.path)
     method: Method = spec.cls(options, ctx)
     stages = method.plan(tasks)
@@ -144,16 +151,19 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     names = [t.name for t in tasks]
     checks = degradation.prepare(ctx, tasks, stages)
     done = len(folder.records())
+    model = bundle.model
     if done == 0:
         log(f"{cfg.method} on {cfg.suite}: evaluating the starting model on {len(tasks)} tasks")
         set_seed(cfg.seed)
         results = evaluate_all(bundle.model, ctx, tasks, test_sets, 0, folder)
         folder.append_record(stage_record(None, results, checks.measure(bundle.model, 0)))
         trackers.log_stage()
-        model = bundle.model
     else:
-        log(f"resuming {folder.path} after stage {done - 1}")
-        model = method.load(folder.checkpoint(done - 1)) if done > 1 else bundle.model
+        trained = folder.last_checkpoint()
+        log(f"resuming {folder.path} after stage {done - 1}"
+            + (f" (stage {done} trained, not yet evaluated)" if trained == done else ""))
+        if trained:
+            model = method.load(folder.checkpoint(trained))
     for stage in stages[done - 1 if done else 0 :]:
         model = run_stage(method, model, stage, len(stages), tasks, test_sets, folder, checks)
         folder.write_matrix(names)
@@ -168,31 +178,45 @@ def run_stage(
     method: Method, model, stage: Stage, total: int, tasks: list[TaskSpec], test_sets: dict,
     folder: RunFolder, checks: degradation.Degradation | None = None,
 ):
-    """Train, consolidate, evaluate (tasks, then general benchmarks and probes) and checkpoint
-    one stage."""
+    """Train and consolidate one stage and checkpoint it, then evaluate it (tasks, then general
+    benchmarks and probes). A stage already checkpointed (a crash during its evaluation) is only
+    evaluated."""
     ctx = method.context
-    log(f"stage {stage.index}/{total}: training on {stage.name}")
-    set_seed(ctx.config.seed + stage.index)
+    checkpoint = folder.checkpoint(stage.index)
+    peak = PeakMemory(device_of(model))
     t0 = time.time()
-    model = method.before_stage(model, stage)
-    train_info = train_model(
-        model, ctx.bundle, method.training_samples(stage), ctx.config.train,
-        folder.path / "trainer" / f"stage_{stage.index}", ctx.config.seed + stage.index,
-        method.extra_losses, ctx.config.report_to,
-    )
-    model = method.after_stage(model, stage)
+    if checkpoint.is_dir():
+        log(f"stage {stage.index}/{total}: trained before, evaluating {checkpoint}")
+        done = json.loads((checkpoint / TRAINING_FILE).read_text())
+    else:
+        log(f"stage {stage.index}/{total}: training on {stage.name}")
+        set_seed(ctx.config.seed + stage.index)
+        model = method.before_stage(model, stage)
+        ctx.note_trainable(model)
+        trainer_dir = folder.path / "trainer" / f"stage_{stage.index}"
+        train_info = train_model(
+            model, ctx.bundle, method.training_samples(stage), ctx.config.train, trainer_dir,
+            ctx.config.seed + stage.index, method.extra_losses,
+            functools.partial(method.before_train_batch, model),
+            MethodState(method.state, method.load_state), ctx.config.report_to,
+        )
+        model = method.after_stage(model, stage)
+        done = {"train": train_info, "seconds": round(time.time() - t0, 2), **peak.read("train")}
+        folder.write_checkpoint(stage.index, lambda path: method.save(model, path), done)
+        shutil.rmtree(trainer_dir, ignore_errors=True)
     t1 = time.time()
     evaluated = method.eval_model(model)
     results = evaluate_all(evaluated, ctx, tasks, test_sets, stage.index, folder, method)
     t2 = time.time()
     measured = checks.measure(evaluated, stage.index, method) if checks else {}
     diagnostics = method.after_evaluation(stage)
-    seconds = {"train": round(t1 - t0, 2), "eval": round(t2 - t1, 2)}
+    seconds = {"train": done["seconds"], "eval": round(t2 - t1, 2)}
     if measured:
         seconds["general_probes"] = round(time.time() - t2, 2)
-    checkpoint = folder.checkpoint(stage.index)
-    method.save(model, checkpoint)
-    extra = {"train": train_info, "seconds": seconds, **measured}
+    memory = {k: v for k, v in done.items() if k.startswith("peak")} | peak.read("eval")
+    extra = {"train": done["train"], "seconds": seconds, **measured}
+    if memory:
+        extra["memory_gb"] = memory
     if diagnostics:
         extra["method"] = diagnostics
     folder.append_record(stage_record(stage, results, extra))
@@ -200,6 +224,23 @@ def run_stage(
     if previous.exists():
         shutil.rmtree(previous)
     return model
+
+
+class PeakMemory:
+    """Peak accelerator memory (GB) of a stage's parts, where there is an accelerator."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def read(self, part: str) -> dict[str, float]:
+        if not self.cuda:
+            return {}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return {f"peak_{part}": round(peak, 2)}
 
 
 def write_summary(

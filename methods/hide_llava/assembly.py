@@ -1,27 +1,27 @@
 """The HiDe-LLaVA evaluation model (Algorithm 1, lines 8-17): routed and fused layers by layout
-(Table 3), and the parameters it loads at inference."""
+(Table 3), the parameters it loads at inference, and a task's own model. Assembled models share
+the frozen weights of the model they are built on (nothing of a 7B model is copied)."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import torch
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models.lora import shallow_copy
-from methods.hide_llava.experts import TaskExpert
+from cl_bench.models.backbones import backbone_of
+from cl_bench.models.routed_lora import RoutedLoRALinear, Routing
+from cl_bench.models.sharing import shallow_copy
+from methods.hide_llava.experts import TaskExpert, set_projector
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.options import LAYOUTS, HiDeOptions
-from methods.hide_llava.routing import RoutedLoRALinear, Routing
 
 PARAMS_NOTE = (
     "parameters loaded at inference: total = model + lora + anchors; lora counts what Table 3 "
     "counts (routed layers keep every task's LoRA, fused layers one LoRA of the task rank); "
     "encoder = the routing encoder's own parameters, loaded too"
 )
-_LAYER_INDEX = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
 
 
 
@@ -43,15 +43,15 @@ class InferenceParams:
         return {**dataclasses.asdict(self), "total": self.total}
 
 
-def layer_index(module_name: str) -> int:
-    match = _LAYER_INDEX.search(module_name)
-    if match is None:
+def layer_index(model: torch.nn.Module, module_name: str) -> int:
+    index = backbone_of(model).layer_index(module_name)
+    if index is None:
         raise CLBenchError(f"LoRA module {module_name!r} is not inside a decoder layer")
-    return int(match.group(1))
+    return index
 
 
-def layer_modes(experts: list[TaskExpert], layout: str, top_layers: int,
-                n_layers: int) -> dict[str, str]:
+def layer_modes(model: torch.nn.Module, experts: list[TaskExpert], layout: str,
+                top_layers: int) -> dict[str, str]:
     """The mode (expand | merge | none) of each LoRA-carrying module."""
     if layout not in LAYOUTS:
         raise CLBenchError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -63,7 +63,8 @@ def layer_modes(experts: list[TaskExpert], layout: str, top_layers: int,
                 f"stage {expert.stage} ({expert.task}) has LoRA on other modules than stage "
                 f"{experts[0].stage}: HiDe-LLaVA needs the same LoRA targets in every stage"
             )
-    return {n: top if layer_index(n) >= n_layers - top_layers else rest for n in names}
+    n_layers = len(backbone_of(model).decoder_layers(model))
+    return {n: top if layer_index(model, n) >= n_layers - top_layers else rest for n in names}
 
 
 def assemble(
@@ -73,10 +74,7 @@ def assemble(
     routing: Routing,
 ) -> tuple[torch.nn.Module, InferenceParams]:
     """The evaluation model of HiDe-LLaVA Algorithm 1 (lines 8-17); ``model`` is not changed."""
-    from cl_bench.analysis.cka import decoder_layers
-
-    n_layers = len(decoder_layers(model))
-    modes = layer_modes(experts, options.layout, options.top_layers, n_layers)
+    modes = layer_modes(model, experts, options.layout, options.top_layers)
     assembled = shallow_copy(model)
     lora_params = 0
     for name, mode in modes.items():
@@ -97,3 +95,16 @@ def assemble(
     ) if routed else 0
     plain = sum(p.numel() for p in model.parameters())
     return assembled, InferenceParams(plain, lora_params, anchors, 0)
+
+
+def expert_model(model: torch.nn.Module, expert: TaskExpert) -> torch.nn.Module:
+    """The task's own fine-tuned model: ``model``'s weights (shared) with the task's projector
+    (a copy) and its LoRA beside the weights, in float32."""
+    projector = backbone_of(model).projector(model)
+    single = shallow_copy(model, own=projector)
+    set_projector(single, expert.projector)
+    for name, factors in expert.lora.items():
+        B, A = fused_factors([factors])
+        single.set_submodule(name, FusedLoRALinear(single.get_submodule(name), B, A,
+                                                   factors.A.shape[0]))
+    return single

@@ -1,19 +1,15 @@
 """What each HiDe-LLaVA stage leaves behind (its LoRA, projector and anchors), stored and
-reloaded, and a task's own model rebuilt from it."""
+reloaded."""
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models.deltas import LoraFactors
+from cl_bench.models.deltas import LoraFactors, load_lora_file, save_lora_file
 
 
 # -- stored experts ------------------------------------------------------------------------------
@@ -36,10 +32,7 @@ class TaskExpert:
         return f"task_{self.stage}.safetensors"
 
     def save(self, folder: Path) -> Path:
-        tensors: dict[str, torch.Tensor] = {}
-        for name, f in self.lora.items():
-            tensors[f"lora::{name}::A"], tensors[f"lora::{name}::B"] = f.A, f.B
-        tensors |= {f"projector::{name}": t for name, t in self.projector.items()}
+        tensors = {f"projector::{name}": t for name, t in self.projector.items()}
         if self.image_anchor is not None:
             tensors["anchor::image"] = self.image_anchor
         if self.text_anchor is not None:
@@ -47,27 +40,14 @@ class TaskExpert:
         meta = {
             "task": self.task, "stage": str(self.stage), "encoder": self.encoder,
             "anchor_samples": str(self.anchor_samples), "image_samples": str(self.image_samples),
-            "scalings": json.dumps({name: f.scaling for name, f in self.lora.items()}),
         }
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.file_name
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), meta)
-        return path
+        return save_lora_file(folder / self.file_name, self.lora, tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> TaskExpert:
         if not path.is_file():
             raise CLBenchError(f"HiDe-LLaVA expert file {path} is missing")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        if "scalings" not in meta:
-            raise CLBenchError(f"{path} is not a HiDe-LLaVA expert file (no metadata)")
-        scalings = json.loads(meta["scalings"])
-        lora = {
-            name: LoraFactors(tensors[f"lora::{name}::B"], tensors[f"lora::{name}::A"], s)
-            for name, s in scalings.items()
-        }
+        lora, tensors, meta = load_lora_file(path)
         projector = {
             k.split("::", 1)[1]: t for k, t in tensors.items() if k.startswith("projector::")
         }
@@ -110,14 +90,3 @@ def set_projector(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> N
             if name not in params:
                 raise CLBenchError(f"stored projector parameter {name!r} is absent from the model")
             params[name].copy_(value.to(params[name]))
-
-
-def expert_model(model: torch.nn.Module, expert: TaskExpert) -> torch.nn.Module:
-    """The task's own fine-tuned model: ``model`` + the task's projector + its LoRA, merged."""
-    single = copy.deepcopy(model)
-    set_projector(single, expert.projector)
-    with torch.no_grad():
-        for name, factors in expert.lora.items():
-            weight = single.get_submodule(name).weight
-            weight += factors.product().to(weight)
-    return single

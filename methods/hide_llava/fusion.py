@@ -6,6 +6,7 @@ import torch
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import LoraFactors
+from cl_bench.models.updates import linear_float32
 
 FUSIONS = ("sum", "reference")
 
@@ -35,17 +36,20 @@ def fused_factors(
 
 
 class FusedLoRALinear(torch.nn.Module):
-    """base(x) + B_f A_f x: the fused LoRA branch of the remaining layers (HiDe-LLaVA eq. 7)."""
+    """base(x) + B_f A_f x: the fused LoRA branch of the remaining layers (HiDe-LLaVA eq. 7).
+    The factors stay float32 on the base's device; base and branch are summed in float32."""
 
     def __init__(self, base: torch.nn.Linear, B: torch.Tensor, A: torch.Tensor, rank: int) -> None:
         super().__init__()
         self.base, self.rank = base, rank
-        w = base.weight
-        self.A = torch.nn.Parameter(A.to(w), requires_grad=False)
-        self.B = torch.nn.Parameter(B.to(w), requires_grad=False)
+        device = base.weight.device
+        self.A = torch.nn.Parameter(A.to(device, torch.float32), requires_grad=False)
+        self.B = torch.nn.Parameter(B.to(device, torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.A.T) @ self.B.T  # HiDe-LLaVA eq. 7: O_rem = E-bar_T(h)
+        out = linear_float32(self.base, x)  # rounded once, with the branch
+        out = out + (x.float() @ self.A.T) @ self.B.T  # HiDe-LLaVA eq. 7: O_rem = E-bar_T(h)
+        return out.to(self.base.weight.dtype)
 
     def lora_parameters(self) -> int:
         """One LoRA of the experts' rank (Table 3's count; fusion=sum may merge it into W)."""

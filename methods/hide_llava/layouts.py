@@ -55,7 +55,7 @@ def analyze_layouts(args: argparse.Namespace) -> Path:
     root = resolve_data_root(suite, cfg)
     tasks = suite.resolve_order(cfg.order)
     test_sets = load_test_sets(suite, tasks, root, cfg)
-    bundle = load_llava(resolve_model(suite, cfg))
+    bundle = load_llava(resolve_model(suite, cfg), cfg.model)
     experts = load_experts(args.run / "hide_llava")
     extra = method_sets(args.set)
     out = args.out or args.run / "layouts"

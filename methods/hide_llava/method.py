@@ -11,7 +11,6 @@ single-modality routing (Figure 4) other ``image_weight``/``text_weight`` values
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import random
@@ -21,17 +20,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cl_bench.errors import CLBenchError
+from cl_bench.evaluation.routing_counts import RoutingCounts
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.deltas import stage_delta
-from cl_bench.models.encoders import LLAVA_ENCODER, Encoder, load_encoder
+from cl_bench.models.encoders import Encoder, suite_encoder
 from cl_bench.models.llava import load_image
 from cl_bench.models.lora import add_lora
-from cl_bench.registry import call_target, register_method
-from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble
-from methods.hide_llava.experts import TaskExpert, expert_model, load_experts, set_projector
+from cl_bench.models.placement import device_of
+from cl_bench.models.routed_lora import Routing, anchor_similarity
+from cl_bench.registry import register_method
+from methods.hide_llava.assembly import PARAMS_NOTE, InferenceParams, assemble, expert_model
+from methods.hide_llava.experts import TaskExpert, load_experts, set_projector
 from methods.hide_llava.options import LAYOUTS, HiDeOptions, check_options
-from methods.hide_llava.routing import Routing, anchor_similarity, routing_weights
+from methods.hide_llava.routing import routing_weights
 from tasks.loaders import Sample
 
 Prompt = tuple[str, Image.Image | None]
@@ -43,6 +44,9 @@ Prompt = tuple[str, Image.Image | None]
     trains="a fresh LoRA on the base model + the shared projector each stage",
     growth="one LoRA per task kept (routed at the top layer, fused below) + 2 anchors per task",
     routes=True,
+    # HiDe-LLaVA section 4.1: LoRA rank 8 in every linear layer of the language model; the
+    # paper gives no alpha: 16 keeps LLaVA-1.5's alpha = 2 x rank
+    recipe={"lora.rank": 8, "lora.alpha": 16.0},
 )
 class HiDeLLaVA(Method):
     """HiDe-LLaVA: top-layer LoRA experts routed by anchors, the other layers' LoRAs fused."""
@@ -54,9 +58,12 @@ class HiDeLLaVA(Method):
         check_options(options)
         self.experts: list[TaskExpert] = []
         self.routing: Routing | None = None
-        self.routing_counts: dict[str, list[int]] = {}
+        self.routing_counts = RoutingCounts([])
         self.params: InferenceParams | None = None
-        self.encoder: Encoder | None = self._encoder() if self.routed else None
+        self.encoder: Encoder | None = (
+            suite_encoder(options.encoder, context, options.text_feature, "hide_llava")
+            if self.routed else None
+        )
 
     @property
     def routed(self) -> bool:
@@ -65,21 +72,6 @@ class HiDeLLaVA(Method):
     @property
     def expert_dir(self) -> Path:
         return self.context.run_dir / "hide_llava"
-
-    def _encoder(self) -> Encoder:
-        spec = self.options.encoder
-        suite = self.context.suite
-        if spec is None and suite.default_encoder:
-            from cl_bench.running.runner import cache_dir
-
-            spec = str(call_target(suite.default_encoder, cache_dir()))
-        if spec is None:
-            raise CLBenchError(
-                f"hide_llava needs a feature encoder for its anchors and suite {suite.name} has no "
-                "default: give method.encoder=PATH (a local CLIP folder, e.g. "
-                f"clip-vit-large-patch14-336) or method.encoder={LLAVA_ENCODER}"
-            )
-        return load_encoder(spec, self.context.bundle, self.options.text_feature)
 
     # -- training ----------------------------------------------------------------------------
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
@@ -135,7 +127,7 @@ class HiDeLLaVA(Method):
             for expert in self.experts:
                 expert.check_anchors(self.expert_dir / expert.file_name)
         self.routing = Routing() if self.routed else None
-        self.routing_counts = {}
+        self.routing_counts = RoutingCounts([e.task for e in self.experts])
         assembled, params = assemble(model, self.experts, self.options, self.routing or Routing())
         if self.encoder is not None:
             params.encoder = self.encoder.parameter_count()
@@ -149,28 +141,27 @@ class HiDeLLaVA(Method):
         if self.routing is None or self.encoder is None:
             return
         d = self.route(prompts)
-        device = next(model.parameters()).device
-        self.routing.weights = d.to(device)
-        counts = self.routing_counts.setdefault(label, [0] * len(self.experts))
-        for c in d.argmax(dim=1).tolist():
-            counts[c] += 1
+        self.routing.weights = d.to(device_of(model))
+        self.routing_counts.add(label, d.argmax(dim=1).tolist())
 
     def route(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """Routing weights d (B x C, on the CPU) of a batch, from its images and questions."""
+        """Routing weights d (B x C, on the encoder's device) of a batch, from its images and
+        questions."""
         o = self.options
-        has_image = torch.tensor([image is not None for _, image in prompts])
+        text_features = self.encoder.text_features([question for question, _ in prompts])
+        has_image = torch.tensor([image is not None for _, image in prompts],
+                                 device=text_features.device)
         image_anchors = [e.image_anchor for e in self.experts]
         use_images = o.image_weight > 0 and bool(has_image.any()) and all(
             a is not None for a in image_anchors
         )
         text_sims = anchor_similarity(
-            self.encoder.text_features([question for question, _ in prompts]).cpu(),
-            self._anchors([e.text_anchor for e in self.experts]),
+            text_features, self._anchors([e.text_anchor for e in self.experts])
         )
         image_sims = None
         if use_images:
             images = [image for _, image in prompts if image is not None]
-            feats = self.encoder.image_features(images).cpu()
+            feats = self.encoder.image_features(images)
             image_sims = torch.zeros_like(text_sims)
             image_sims[has_image] = anchor_similarity(feats, self._anchors(image_anchors))
         else:
@@ -193,25 +184,8 @@ class HiDeLLaVA(Method):
         if self.encoder is not None:
             info["encoder"] = self.encoder.description
         if self.routing_counts:
-            info["routing_accuracy"] = self.write_routing(stage.index)
+            info["routing_accuracy"] = self.routing_counts.write(self.context.run_dir, stage.index)
         return info
-
-    def write_routing(self, stage: int) -> dict[str, float | None]:
-        """Write the evaluated-task x routed-task counts; return each task's routing accuracy."""
-        experts = [e.task for e in self.experts]
-        accuracy: dict[str, float | None] = {}
-        folder = self.context.run_dir / "routing"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"stage_{stage}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["evaluated", *experts, "routing_accuracy"])
-            for label, counts in self.routing_counts.items():
-                total = sum(counts)
-                right = counts[experts.index(label)] if label in experts else None
-                accuracy[label] = None if right is None or not total else 100.0 * right / total
-                shown = "" if accuracy[label] is None else f"{accuracy[label]:.2f}"
-                writer.writerow([label, *counts, shown])
-        return accuracy
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, model: torch.nn.Module, folder: Path) -> None:

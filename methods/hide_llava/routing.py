@@ -1,25 +1,13 @@
-"""HiDe-LLaVA routing (eq. 3-5): per-sample weights over the tasks from anchor similarities,
-and the top layer's LoRA branch mixed by them."""
+"""HiDe-LLaVA routing (eq. 4): per-sample weights over the tasks from anchor similarities
+(eq. 3, ``cl_bench.models.routed_lora.anchor_similarity``); the top layer mixes the tasks' LoRA
+branches by them (eq. 5, ``RoutedLoRALinear``)."""
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from cl_bench.errors import CLBenchError
-from cl_bench.models.deltas import LoraFactors
 
-
-# -- routing: HiDe-LLaVA eq. 3-5 ----------------------------------------------------------------
-def anchor_similarity(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each sample (B x D) to each task anchor (C x D): B x C."""
-    anchors = anchors.to(features.device, torch.float32)
-    return torch.nn.functional.cosine_similarity(  # HiDe-LLaVA eq. 3
-        features.float().unsqueeze(1), anchors.unsqueeze(0), dim=-1
-    )
-
-
+# -- routing: HiDe-LLaVA eq. 4 ------------------------------------------------------------------
 def routing_weights(
     image_sims: torch.Tensor | None,
     text_sims: torch.Tensor,
@@ -39,52 +27,3 @@ def routing_weights(
         both = image_weight * image_sims + text_weight * text_sims  # HiDe-LLaVA eq. 4, r-bar
         combined = torch.where(has_image.unsqueeze(1), both, text_only)
     return torch.softmax(combined / temperature, dim=-1)  # HiDe-LLaVA eq. 4, d_c
-
-
-
-class Routing:
-    """Per-sample routing weights shared by every routed module of one assembled model."""
-
-    def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None
-
-    def for_rows(self, rows: int) -> torch.Tensor:
-        d = self.weights
-        if d is None:
-            raise CLBenchError(
-                "HiDe-LLaVA routing weights are not set: generation must go through "
-                "cl_bench.evaluation.generation.generate_answers with the method's "
-                "before_generate hook"
-            )
-        if rows != d.shape[0]:
-            if rows % d.shape[0]:
-                raise CLBenchError(f"batch of {rows} rows, routing weights for {d.shape[0]}")
-            d = d.repeat_interleave(rows // d.shape[0], dim=0)
-        return d
-
-
-class RoutedLoRALinear(torch.nn.Module):
-    """base(x) + sum_c d_c * s_c * B_c A_c x, with per-sample weights d (HiDe-LLaVA eq. 5)."""
-
-    def __init__(self, base: torch.nn.Linear, experts: list[LoraFactors], routing: Routing) -> None:
-        super().__init__()
-        self.base, self.routing = base, routing
-        w = base.weight
-        self.A = torch.nn.ParameterList(
-            [torch.nn.Parameter(f.A.to(w), requires_grad=False) for f in experts]
-        )
-        self.B = torch.nn.ParameterList(
-            [torch.nn.Parameter((f.scaling * f.B.float()).to(w), requires_grad=False)
-             for f in experts]
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        d = self.routing.for_rows(x.shape[0]).to(out.dtype)
-        shape = (x.shape[0], *([1] * (x.ndim - 1)))
-        for c, (A, B) in enumerate(zip(self.A, self.B, strict=True)):
-            out = out + d[:, c].view(shape) * ((x @ A.T) @ B.T)  # HiDe-LLaVA eq. 5
-        return out
-
-    def lora_parameters(self) -> int:
-        return sum(p.numel() for p in itertools.chain(self.A, self.B))

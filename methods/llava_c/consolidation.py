@@ -67,7 +67,7 @@ def sac_window(s: Tensor, alpha: float) -> int:
     _check_spectrum(s)
     s64 = s.detach().to(torch.float64)
     r = s64.numel()
-    ks = torch.arange(1, r + 1, dtype=torch.int64)
+    ks = torch.arange(1, r + 1, dtype=torch.int64, device=s64.device)
     upper = torch.clamp(ks, max=r - 1)  # 0-based index of s_{min(k+1, r)}
     means = s64.cumsum(0)[upper] / ks  # Algorithm 1 line 9: (1/k) sum_{j=1}^{min(k+1,r)} s_j
     err = (means - alpha * s64[0]) ** 2  # LLaVA-c eq. 7: squared distance to alpha * s_1
@@ -84,7 +84,7 @@ def sac_scale(s: Tensor, alpha: float, boundary: str = "pad") -> Tensor:
     fill = s64[-1] if boundary == "pad" else s64.new_zeros(())
     padded = torch.cat([s64, fill.expand(k)])
     csum = torch.cat([s64.new_zeros(1), padded.cumsum(0)])
-    idx = torch.arange(r)
+    idx = torch.arange(r, device=s64.device)
     scaled = (csum[idx + k + 1] - csum[idx]) / k  # LLaVA-c eq. 6: (1/k) sum_{j=i}^{i+k} s'_j
     return scaled.to(s.dtype)
 

@@ -8,9 +8,8 @@ and the paper's ablations (Table 4, Figure 9) are the same method with other opt
 
 from __future__ import annotations
 
-import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +18,9 @@ from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import generate_answers
 from cl_bench.method import Method, Stage
 from cl_bench.models.batching import collate_batch, prompt_item
-from cl_bench.models.deltas import (
-    LoraFactors,
-    apply_delta,
-    delta_path,
-    snapshot_trainable,
-    stage_delta,
-)
+from cl_bench.models.deltas import LoraFactors, delta_path, snapshot_trainable, stage_delta
+from cl_bench.models.placement import to_model
+from cl_bench.models.updates import apply_delta
 from cl_bench.registry import register_method
 from methods.llava_c.consolidation import (
     apply_sac,
@@ -62,24 +57,31 @@ class LlavaCOptions:
 
 
 Update = LoraFactors | torch.Tensor
-AtAlpha = Callable[[float], torch.Tensor]
+AtAlpha = Callable[[float], Update]
 
 
 def consolidator(consolidation: str, boundary: str) -> Callable[[Update], AtAlpha]:
-    """update -> (alpha -> its consolidated delta); a LoRA is decomposed once for all alphas."""
+    """update -> (alpha -> its consolidated update), in float32: a LoRA stays factors (and is
+    decomposed once for all alphas), a full update stays a tensor."""
     if consolidation not in CONSOLIDATIONS:
         raise CLBenchError(f"consolidation {consolidation!r}: expected one of {CONSOLIDATIONS}")
 
     def for_update(update: Update) -> AtAlpha:
-        if consolidation == "sac" and isinstance(update, LoraFactors):
-            spectrum = lora_spectrum(update.B, update.A, update.scaling)
+        if isinstance(update, LoraFactors):
+            update = LoraFactors(update.B.float(), update.A.float(), update.scaling)
+            if consolidation == "sac":
+                spectrum = lora_spectrum(update.B, update.A, update.scaling)
 
-            def factored(alpha: float) -> torch.Tensor:
-                P, Q = apply_sac(spectrum, alpha, boundary)
-                return P @ Q  # LLaVA-c eq. 5-7, factored path
+                def factored(alpha: float) -> LoraFactors:
+                    P, Q = apply_sac(spectrum, alpha, boundary)
+                    return LoraFactors(P, Q, 1.0)  # LLaVA-c eq. 5-7, factored path
 
-            return factored
-        full = update.product() if isinstance(update, LoraFactors) else update
+                return factored
+            if consolidation == "modelmix":  # LLaVA-c eq. 4 on the factors: alpha * s * B A
+                return lambda alpha: LoraFactors(update.B, update.A,
+                                                 check_alpha(alpha) * update.scaling)
+            return lambda alpha: update
+        full = update.float()
         if consolidation == "sac":
             return lambda alpha: sac_delta(full, alpha, boundary)  # LLaVA-c eq. 5-7, full SVD
         if consolidation == "modelmix":
@@ -91,7 +93,9 @@ def consolidator(consolidation: str, boundary: str) -> Callable[[Update], AtAlph
 
 def hidden_distance(current: torch.Tensor, previous: torch.Tensor, mask: torch.Tensor,
                     kind: str) -> torch.Tensor:
-    """UIR distance over non-padding positions (LLaVA-c eq. 8): MSE, or mean per-token L2."""
+    """UIR distance over non-padding positions (LLaVA-c eq. 8): MSE, or mean per-token L2;
+    summed in float32 whatever the activations' dtype."""
+    current, previous = current.float(), previous.float()
     m = mask.unsqueeze(-1).to(current.dtype)
     diff = (current - previous) * m
     if kind == "mse":
@@ -113,6 +117,8 @@ def forward_kl(current_logits: torch.Tensor, previous_logits: torch.Tensor,
     paper="LLaVA-c (Liu et al., 2025), eq. 4-9, Algorithm 1",
     trains="a fresh LoRA on the language model + the projector each stage, SAC-merged after it",
     growth="none in memory; each stage's raw update is stored on disk (deltas/) for alpha sweeps",
+    # LLaVA-c appendix A.1, Table 6: LoRA R 128, alpha 256 (LLaVA-1.5's LoRA setting)
+    recipe={"lora.rank": 128, "lora.alpha": 256.0},
 )
 class LlavaC(Method):
     """LLaVA-c: UIR while training, spectral-aware consolidation after each stage."""
@@ -126,7 +132,8 @@ class LlavaC(Method):
         check_alpha(options.alpha)
         self.consolidator = consolidator(options.consolidation, options.boundary)
         self.before: dict[str, torch.Tensor] = {}
-        self.inquiry_batches: Iterator[dict] | None = None
+        self.uir_seed: int | None = None  # set while a stage trains with UIR
+        self.uir_step = 0  # inquiry batches drawn this stage (saved mid-stage: exact resume)
         self._inquiries: list[Sample] | None = None
 
     # -- inquiries ---------------------------------------------------------------------------
@@ -143,17 +150,18 @@ class LlavaC(Method):
                 raise CLBenchError(f"{path}: no text-only inquiries for UIR")
         return self._inquiries
 
-    def _batches(self, seed: int) -> Iterator[dict]:
+    def inquiry_batch(self, seed: int, step: int) -> dict:
+        """The ``step``-th inquiry batch of a stage: a fixed shuffle per seed, cycled, so that
+        a resumed stage draws the batches an uninterrupted one would have."""
         bundle = self.context.bundle
         size = self.options.inquiry_batch or self.context.config.train.batch_size
         order = list(range(len(self.inquiries())))
         random.Random(seed).shuffle(order)
-        for start in itertools.cycle(range(0, len(order), size)):
-            items = [
-                prompt_item(bundle, self.inquiries()[i].question, None)
-                for i in order[start : start + size]
-            ]
-            yield collate_batch(items, bundle)
+        starts = range(0, len(order), size)
+        start = starts[step % len(starts)]
+        items = [prompt_item(bundle, self.inquiries()[i].question, None)
+                 for i in order[start : start + size]]
+        return collate_batch(items, bundle)
 
     # -- hooks ------------------------------------------------------------------------------
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
@@ -162,7 +170,7 @@ class LlavaC(Method):
         model = super().before_stage(model, stage)
         self.before = snapshot_trainable(model)
         if self.options.uir in ("mse", "l2", "fkl"):
-            self.inquiry_batches = self._batches(self.context.config.seed + stage.index)
+            self.uir_seed, self.uir_step = self.context.config.seed + stage.index, 0
         return model
 
     def _replay_samples(self, model: torch.nn.Module) -> list[Sample]:
@@ -177,10 +185,10 @@ class LlavaC(Method):
         return samples + self.replay if self.options.uir == "replay" else samples
 
     def extra_losses(self, model: torch.nn.Module, inputs: dict, outputs) -> dict:
-        if self.inquiry_batches is None:
+        if self.uir_seed is None:
             return {}
-        batch = next(self.inquiry_batches)
-        batch.pop("labels", None)
+        batch = to_model(self.inquiry_batch(self.uir_seed, self.uir_step), model)
+        self.uir_step += 1
         current = model(**batch, output_hidden_states=True)
         with torch.no_grad(), model.disable_adapter():
             previous = model(**batch, output_hidden_states=True)
@@ -200,10 +208,16 @@ class LlavaC(Method):
                       opts.boundary)
         plain = model.unload()
         apply_delta(plain, delta, lambda u: self.consolidation(u)(None), base=self.before)
-        self.inquiry_batches = None
+        self.uir_seed = None
         return plain
 
-    def consolidation(self, update: Update) -> Callable[[float | None], torch.Tensor]:
+    def consolidation(self, update: Update) -> Callable[[float | None], Update]:
         """alpha (None: the run's ``method.alpha``) -> the consolidated update."""
         at = self.consolidator(update)
         return lambda alpha=None: at(check_alpha(self.options.alpha if alpha is None else alpha))
+
+    def state(self) -> dict:
+        return {"uir_step": self.uir_step}
+
+    def load_state(self, state: dict) -> None:
+        self.uir_step = int(state.get("uir_step", 0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cl_bench.registry import SUITES
 from tasks.suite import Suite, TaskSpec
+from tasks.suites.recipe import HIDE_LLAVA_BENCHMARK
 from tasks.suites.ucit import OPTION, WORD
 
 REC = "Please provide the bounding box coordinate of the region this sentence describes:"
@@ -59,5 +60,6 @@ COIN = SUITES.register("coin")(
         "docs/suites.md",
         tasks_dir="Instructions_Original",
         image_dir="cl_dataset",
+        defaults=HIDE_LLAVA_BENCHMARK,
     )
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from cl_bench.registry import SUITES
 from tasks.llava665k import EXPECTED_COUNTS, INQUIRY_FILE, PROBE_RULES, SOURCE_FILE, SPLITS_DIR
 from tasks.suite import Suite, TaskSpec
+from tasks.suites.recipe import LLAVA_C_BENCHMARK
 from tasks.suites.ucit import WORD
 
 # The general benchmarks LLaVA-c reports (Table 1): not run by default, since lmms-eval reads them
@@ -43,5 +44,6 @@ LLAVA665K = SUITES.register("llava665k")(
         tasks_dir=SPLITS_DIR,
         image_dir="",
         inquiry_file=INQUIRY_FILE,
+        defaults=LLAVA_C_BENCHMARK,
     )
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from cl_bench.registry import SUITES
 from tasks.llava665k import INQUIRY_FILE
 from tasks.suite import Suite, TaskSpec
+from tasks.suites.recipe import LLAVA_C_BENCHMARK
 from tasks.suites.ucit import OPTION, WORD
 
 FIGUREQA = "Please answer the question and provide the correct option letter at the end."
@@ -43,5 +44,6 @@ LLAVAC_FT = SUITES.register("llavac-ft")(
         tasks_dir="LLaVA-c",
         image_dir="LLaVA-c/datasets",
         inquiry_file=INQUIRY_FILE,
+        defaults=LLAVA_C_BENCHMARK,
     )
 )

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from cl_bench.registry import SUITES
 from tasks.suite import Suite, TaskSpec
+from tasks.suites.recipe import HIDE_LLAVA_BENCHMARK
 
 WORD = "Answer the question using a single word or phrase."
 OPTION = "Answer with the option's letter from the given choices directly."
@@ -46,6 +47,7 @@ UCIT = SUITES.register("ucit")(
         "Flickr30k), downloaded by you beforehand; see docs/suites.md",
         tasks_dir="UCIT",
         image_dir="UCIT/datasets",
+        defaults=HIDE_LLAVA_BENCHMARK,
     )
 )
 
@@ -66,6 +68,9 @@ UCIT_MICRO = SUITES.register("ucit-micro")(
         defaults={
             "train.learning_rate": 1e-3, "train.batch_size": 32, "train.epochs": 2.0,
             "lora.rank": 16, "lora.alpha": 32.0, "eval.batch_size": 64,
+            "eval.max_new_tokens": 32,
+            # the micro base model was trained with llava-hf's prompt on square images
+            "model.conversation": "llava_hf", "model.image_aspect_ratio": "crop",
         },
     )
 )

@@ -1,0 +1,1 @@
+"""ModalPrompt: per-task prompts chosen by dual-modality (image + text) prototype similarity."""

@@ -1,0 +1,1 @@
+"""Model Tailor: after each stage, a compensated patch of the most important updated entries."""

@@ -1,0 +1,1 @@
+"""SEFE: answer-style-diversified data and RegLoRA (``reglora``: RegLoRA alone)."""
