@@ -165,6 +165,8 @@ class MoELoRA(Method):
         layers = moe_layers(plain)
         for name, layer in layers.items():
             plain.set_submodule(name, layer.base)
+        # the adapters are no parameters of the plain model: they go to ADAPTER_FILE
+        self.context.trained -= {f"{n}.{part}" for n in layers for part in ("A", "B", "router")}
         super().save(plain, folder)
         tensors = {f"{name}::{part}": getattr(layer, part).detach().cpu().contiguous()
                    for name, layer in layers.items() for part in ("A", "B", "router")}

@@ -58,6 +58,7 @@ def write_ucit_fixture(root: Path, n_train: int = 8, n_test: int = 12) -> Path:
         images = root / "UCIT" / "datasets" / task.folders[0]
         images.mkdir(parents=True, exist_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
+        asd = []  # SEFE's answer-style-diversified copy of the train file (its default name)
         for split, n in (("train", n_train), ("test", n_test)):
             records = []
             for i in range(n):
@@ -73,14 +74,20 @@ def write_ucit_fixture(root: Path, n_train: int = 8, n_test: int = 12) -> Path:
                     records.append({"id": f"{split}{i}", "image": rel, "conversations": [
                         {"from": "human", "value": f"<image>\n{question}"},
                         {"from": "gpt", "value": answer}]})
+                    asd.append(records[-1] if i % 2 else {**records[-1], "conversations": [
+                        {"from": "human", "value": f"<image>\nIs the square {colour}? Yes or no."},
+                        {"from": "gpt", "value": "Yes"}]})
                 else:
                     records.append({"question_id": f"{split}{i}", "image": rel,
                                     "text": question, "answer": answer})
             (folder / f"{split}.json").write_text(json.dumps(records, indent=1))
+        (folder / ASD_FILE).write_text(json.dumps(asd, indent=1))
     write_inquiries(root / INQUIRY_FILE)
     return root
 
 
+
+ASD_FILE = "train_x20.json"
 INQUIRY_FILE = "general/inquiries.json"
 INQUIRIES = ("What colour is the square?", "Generate a brief caption for the image.",
              "Describe the colour.", "Which colour is it?")

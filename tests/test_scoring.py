@@ -47,6 +47,7 @@ from tasks.scoring import (
         ("A, B", None),
         ("B and C", None),
         ("The answer is B or C", None),
+        ("The answer is A. No, the answer is C.", None),  # two phrases, two letters
         ("(B), (C)", None),
         ("B. or C.", None),
         ("it is a cat", None),  # the word "a" in a sentence is not option A

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import strip_prefix
+from cl_bench.models.prompting import PROMPT_MODULE
 from cl_bench.models.updates import load_updates_state, updates_state
 
 MODEL_FILE = "model.safetensors"
@@ -41,9 +42,11 @@ def fingerprint(folder: Path) -> str:
 
 
 def trained_names(model: torch.nn.Module) -> set[str]:
-    """The trainable parameters that are not LoRA factors (the projector), PEFT prefix off."""
+    """The trainable parameters that are not LoRA factors (the projector), PEFT prefix off.
+    Input prompts (``cl_bench.models.prompting``) are not part of the model: their method saves
+    them."""
     return {strip_prefix(n) for n, p in model.named_parameters()
-            if p.requires_grad and "lora_" not in n}
+            if p.requires_grad and "lora_" not in n and not n.startswith(f"{PROMPT_MODULE}.")}
 
 
 def save_model_state(model: torch.nn.Module, folder: Path, base: Path,
