@@ -366,13 +366,15 @@ PROMPTS = mutants(
     ("embeds = self.prompts[index].flatten(1, 2)",
      "embeds = self.prompts[index.flip(1)].flatten(1, 2)",
      "the selected prompts are inserted farthest first"),
-    ("return tower(pixel_values=pixels).pooler_output.float()",
-     "return tower(pixel_values=pixels).last_hidden_state.mean(1).float()",
-     "the query is the mean patch feature, not the [CLS] one"),
     ('return {"l2p_keys": self.options.key_weight * self.pool.distance}',
      'return {"l2p_keys": self.pool.distance}', "the key loss ignores lambda"),
     ("        self.insertion.remove()\n        self.insertion = None\n        return model",
      "        return model", "the prompts stay attached to the model after a stage"),
+) + mutants(
+    "cl_bench/models/encoders.py",
+    ("return tower(pixel_values=pixels).pooler_output.float()",
+     "return tower(pixel_values=pixels).last_hidden_state.mean(1).float()",
+     "L2P's query is the mean patch feature, not the [CLS] one"),
 ) + mutants(
     "methods/modalprompt/options.py",
     ("prompt_length: int = 10", "prompt_length: int = 8", "ModalPrompt default 8 tokens, not 10"),

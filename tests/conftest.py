@@ -150,19 +150,20 @@ TAUGHT_TASKS = "RVCF"
 def teach_llava(untrained: Path, data_root: Path, folder: Path) -> Path:
     """The tiny LLaVA trained (full weights, seed 0) on the fixture's TAUGHT_TASKS until it
     answers their test questions right: a model whose answers depend on the input."""
-    from cl_bench.config import TrainConfig
+    from cl_bench.config import ModelConfig, TrainConfig
     from cl_bench.models.llava import load_llava
     from cl_bench.running.training import train_model
     from tasks.loaders import load_samples
     from tasks.suites.ucit import UCIT
 
-    bundle = load_llava(untrained)
+    bundle = load_llava(untrained, ModelConfig(device="cpu"))  # a run's prompt format
+    bundle.model.requires_grad_(True)  # loaded frozen
     samples = []
     for task in UCIT.resolve_order(TAUGHT_TASKS):
         files = UCIT.task_files(task, data_root)
         samples += load_samples(files.train, files.image_root)
-    cfg = TrainConfig(learning_rate=3e-3, batch_size=16, max_steps=40, warmup_ratio=0.0,
-                      max_length=128)
+    cfg = TrainConfig(learning_rate=3e-3, batch_size=16, max_steps=60, warmup_ratio=0.0,
+                      max_length=512)
     with seeded(0):
         train_model(bundle.model, bundle, samples, cfg, folder.with_name("teach_trainer"), 0)
     return save_llava(bundle.model, bundle.processor, folder)

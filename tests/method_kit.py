@@ -20,13 +20,15 @@ RANK, LORA_ALPHA = 2, 4.0  # LoRA scaling alpha / rank = 2
 def make_method(name: str, model_dir: Path, data_root: Path, run_dir: Path,
                 suite: str = "ucit", **options) -> Method:
     """The registered method (or variant) ``name`` with ``options`` over its defaults, on a fresh
-    copy of the model in ``model_dir``: rank-2 LoRA without dropout, 4 steps of batch 4."""
+    copy of the model in ``model_dir`` loaded as a run loads it: rank-2 LoRA without dropout,
+    4 steps of batch 4."""
     cfg = RunConfig(method=name, suite=suite, seed=0)
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = RANK, LORA_ALPHA, 0.0
     cfg.train.batch_size, cfg.train.max_steps, cfg.train.learning_rate = 4, 4, 0.05
     cfg.train.warmup_ratio = 0
     spec = get_method(name)
-    context = MethodContext(cfg, get_suite(suite), data_root, load_llava(model_dir), run_dir)
+    bundle = load_llava(model_dir, cfg.model)  # as the runner loads it (prompt format...)
+    context = MethodContext(cfg, get_suite(suite), data_root, bundle, run_dir)
     return spec.cls(spec.options(options), context)
 
 

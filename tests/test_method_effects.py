@@ -15,6 +15,7 @@ from fixture_suite import NAME, fixture_suite
 from method_kit import LORA_ALPHA, RANK, batch_of, make_method, stage, train
 
 from cl_bench.cli import main
+from cl_bench.config import RunConfig
 from cl_bench.evaluation.generation import generate_answers, generate_texts
 from cl_bench.evaluation.probes import final_hidden_states, language_shift, load_inquiries
 from cl_bench.models.batching import collate_batch, prompt_item
@@ -280,7 +281,7 @@ def test_zeroshot_is_the_starting_model(taught_llava: Path, ucit_root: Path,
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 1 and not (out / "checkpoints").exists()
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["stage_0"]
-    bundle = load_llava(taught_llava)
+    bundle = load_llava(taught_llava, RunConfig().model)  # as the run loaded it
     for task in UCIT.resolve_order("RC"):
         samples = load_test_samples(UCIT.task_files(task, ucit_root))
         answers = generate_answers(bundle.model, bundle, samples, 4, 4)
