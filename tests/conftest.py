@@ -162,7 +162,7 @@ def teach_llava(untrained: Path, data_root: Path, folder: Path) -> Path:
     for task in UCIT.resolve_order(TAUGHT_TASKS):
         files = UCIT.task_files(task, data_root)
         samples += load_samples(files.train, files.image_root)
-    cfg = TrainConfig(learning_rate=3e-3, batch_size=16, max_steps=60, warmup_ratio=0.0,
+    cfg = TrainConfig(learning_rate=3e-3, batch_size=16, max_steps=42, warmup_ratio=0.0,
                       max_length=512)
     with seeded(0):
         train_model(bundle.model, bundle, samples, cfg, folder.with_name("teach_trainer"), 0)

@@ -25,7 +25,8 @@ def test_a_quick_run_of_every_registered_method(
     out = tmp_path / "run"
     argv = ["run", "--method", method, "--suite", NAME, "--data-root", str(ucit_root),
             "--model", str(tiny_llava), "--quick", "--order", "RA", "--out", str(out),
-            "--general", "none", "--set", "train.max_steps=2", "--set", "eval.max_new_tokens=3"]
+            "--general", "none", "--set", "train.max_steps=2", "--set", "train.batch_size=4",
+            "--set", "eval.limit=4", "--set", "eval.max_new_tokens=3"]
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in records] == list(range(len(records)))
