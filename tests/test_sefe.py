@@ -62,9 +62,9 @@ def test_bad_options_and_missing_asd_files_fail_before_training(
         with pytest.raises(CLBenchError, match=message):
             Sefe(parse_options(Sefe, given), ctx)
     tasks = [get_suite("ucit").task("ImageNet-R")]
-    expected = ucit_root / "UCIT" / "ImageNet-R" / "train_x20.json"
+    expected = ucit_root / "UCIT" / "ImageNet-R" / "train_x30.json"  # the fixture has x20 only
     with pytest.raises(CLBenchError, match=f"missing: {expected}.*run reglora"):
-        Sefe(SefeOptions(), ctx).plan(tasks)
+        Sefe(SefeOptions(asd_file="train_x30.json"), ctx).plan(tasks)
     assert len(Sefe(SefeOptions(asd=False), ctx).plan(tasks)) == 1
     assert get_method("reglora").options({}).asd is False
 
