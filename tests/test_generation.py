@@ -7,6 +7,7 @@ from pathlib import Path
 
 from conftest import COLOURS, INQUIRIES
 
+from cl_bench.config import ModelConfig
 from cl_bench.evaluation.generation import generate_texts
 from cl_bench.models.llava import load_llava
 from tasks.loaders import Sample, load_test_samples
@@ -23,7 +24,7 @@ def one_per_answer(samples: list[Sample]) -> list[Sample]:
 
 def test_batched_answers_are_the_answers_one_at_a_time(taught_llava: Path,
                                                        ucit_root: Path) -> None:
-    bundle = load_llava(taught_llava)
+    bundle = load_llava(taught_llava, ModelConfig(device="cpu"))  # as taught
     samples = {task.name: one_per_answer(load_test_samples(UCIT.task_files(task, ucit_root)))
                for task in UCIT.resolve_order("RVA")}
     # prompts of different lengths (a word, a caption, options; text only), interleaved
