@@ -164,4 +164,8 @@ class EWC(SeqLoRA):
                     raise CLBenchError(f"{path}: {name!r} is no parameter of the model")
                 target = self.fisher if kind == "fisher" else self.anchor
                 target[name] = f.get_tensor(key).to(params[name].device)
+        # in the model's parameter order, as after an uninterrupted stage: the penalty sums in
+        # the same order, so a resumed run logs the same numbers
+        self.fisher = {n: self.fisher[n] for n in params if n in self.fisher}
+        self.anchor = {n: self.anchor[n] for n in params if n in self.anchor}
         return model

@@ -1,5 +1,6 @@
-"""The baselines end to end: a --quick run on the tiny fixtures, and --resume after a crash
-continuing with exactly the state the method carried (its LoRAs, Fisher, buffer)."""
+"""The baselines end to end: a --quick run on the tiny fixtures, and --resume after a kill
+continuing with exactly the state the method carried (its LoRAs, Fisher, buffer): the same
+answers, records and final checkpoint as the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
-import cl_bench.running.runner
 from cl_bench.cli import main
 
 BASELINES = {
@@ -20,11 +21,11 @@ BASELINES = {
 }
 
 
-def quick_argv(method: str, ucit_root: Path, tiny_llava: Path, out: Path) -> list[str]:
+def quick_argv(method: str, ucit_root: Path, model: Path, out: Path) -> list[str]:
     return ["run", "--method", method, "--suite", "ucit", "--data-root", str(ucit_root),
-            "--model", str(tiny_llava), "--quick", "--order", "RA", "--out", str(out),
-            "--general", "none", "--set", "eval.max_new_tokens=4",
-            "--set", "train.learning_rate=0.01", *BASELINES[method]]
+            "--model", str(model), "--quick", "--order", "RC", "--out", str(out),
+            "--general", "none", "--set", "eval.max_new_tokens=4", *LEARNING,
+            *BASELINES[method]]
 
 
 def training_records(run: Path) -> list[dict]:
@@ -34,29 +35,21 @@ def training_records(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", list(BASELINES))
 def test_quick_run_and_resume_carry_the_method_state(
-    method: str, ucit_root: Path, tiny_llava: Path, tmp_path: Path, monkeypatch
+    method: str, ucit_root: Path, taught_llava: Path, tmp_path: Path, monkeypatch
 ) -> None:
     full = tmp_path / "full"
-    assert main(quick_argv(method, ucit_root, tiny_llava, full)) == 0
+    assert main(quick_argv(method, ucit_root, taught_llava, full)) == 0
     trained = training_records(full)
     assert len(trained) == 2
     term = {"lwf": "lwf", "ewc": "ewc", "olora": "orth"}.get(method)
     if term is not None:  # the method's own loss term took part in stage 2
         assert trained[1][term] > 0
-    real_stage = cl_bench.running.runner.run_stage
-
-    def crash_at_stage_2(method, model, stage, *args, **kwargs):
-        if stage.index == 2:
-            raise KeyboardInterrupt("killed")
-        return real_stage(method, model, stage, *args, **kwargs)
-
+    matrix = [line.split(",")[2:] for line in (full / "matrix.csv").read_text().splitlines()[1:]]
+    assert min(map(float, matrix[0])) > 10 and matrix[0] != matrix[2]  # real, moving scores
     crashed = tmp_path / "crashed"
-    monkeypatch.setattr(cl_bench.running.runner, "run_stage", crash_at_stage_2)
+    kill_after_predictions(monkeypatch, 5)  # in stage 2's evaluation, after its training
     with pytest.raises(KeyboardInterrupt):
-        main(quick_argv(method, ucit_root, tiny_llava, crashed))
-    monkeypatch.setattr(cl_bench.running.runner, "run_stage", real_stage)
+        main(quick_argv(method, ucit_root, taught_llava, crashed))
+    monkeypatch.undo()
     assert main(["run", "--out", str(crashed), "--resume"]) == 0
-    resumed = training_records(crashed)
-    for key, value in trained[1].items():
-        assert resumed[1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    assert (crashed / "matrix.csv").read_text() == (full / "matrix.csv").read_text()
+    assert_same_run(crashed, full)

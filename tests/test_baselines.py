@@ -12,14 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from method_kit import batch_of, lora_state, make_method, stage, train
 
-from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
-from cl_bench.method import MethodContext, Stage
 from cl_bench.models.batching import training_batches
-from cl_bench.models.llava import load_llava
-from cl_bench.registry import get_method, get_suite
-from cl_bench.running.training import train_model
 from methods.ewc import ewc_penalty, fisher_diagonal
 from methods.lwf import distillation
 from methods.olora import orthogonality_loss
@@ -143,37 +139,6 @@ def test_bad_options_fail_before_the_run_folder_exists(
 
 
 # -- effects on the model -----------------------------------------------------------------------
-def make_method(name: str, tiny_llava: Path, ucit_root: Path, run_dir: Path, **options):
-    cfg = RunConfig(method=name, suite="ucit", seed=0)
-    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 2, 4.0, 0.0
-    cfg.train.batch_size, cfg.train.max_steps, cfg.train.learning_rate = 4, 4, 0.05
-    cfg.train.warmup_ratio = 0
-    spec = get_method(name)
-    context = MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
-    return spec.cls(spec.options(options), context)
-
-
-def stage(index: int, letter: str) -> Stage:
-    return Stage(index, tuple(get_suite("ucit").resolve_order(letter)))
-
-
-def train(method, model, at: Stage, tmp_path: Path) -> dict:
-    ctx = method.context
-    return train_model(model, ctx.bundle, method.training_samples(at), ctx.config.train,
-                       tmp_path / "trainer", ctx.config.seed + at.index, method.extra_losses)
-
-
-def batch_of(method, at: Stage, n: int = 4) -> dict:
-    ctx = method.context
-    samples = method.training_samples(at)[:n]
-    return next(training_batches(samples, ctx.bundle, n, 512, torch.device("cpu")))
-
-
-def lora_state(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()
-            if "lora_" in n and f".{adapter}." in n}
-
-
 def test_seq_lora_carries_one_lora_and_never_touches_the_base_weights(
     tiny_llava: Path, ucit_root: Path, tmp_path: Path
 ) -> None:
@@ -368,3 +333,88 @@ def test_terms_follow_the_model_device_and_dtype(
             assert method.anchor[n].dtype == params[n].dtype
         for n, t in getattr(method, "teacher", {}).items():
             assert t.dtype == params[n].dtype and t.device == params[n].device
+
+
+# -- the methods' defaults, measured on the model -----------------------------------------------
+def test_lwf_defaults_distil_the_stage_start_at_t2_with_weight_1(
+    tiny_llava: Path, ucit_root: Path, tmp_path: Path
+) -> None:
+    method = make_method("lwf", tiny_llava, ucit_root, tmp_path)
+    at = stage(1, "R")
+    model = method.before_stage(method.context.bundle.model, at)
+    start = copy.deepcopy(model).eval()  # the previous model: the stage's starting point
+    batch = batch_of(method, at)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**batch).loss.backward()
+    optimizer.step()
+    outputs = model(**batch)
+    with torch.no_grad():
+        previous = start(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    answer = batch["labels"][:, 1:] != -100
+    p = torch.softmax(previous[:, :-1][answer] / 2.0, -1)  # LwF eq. 3, T = 2
+    log_q = torch.log_softmax(outputs.logits[:, :-1][answer].detach() / 2.0, -1)
+    expected = (p * (p.log() - log_q)).sum(-1).mean()
+    assert expected > 1e-4
+    lwf = method.extra_losses(model, batch, outputs)["lwf"]
+    assert lwf.item() == pytest.approx(expected.item(), rel=1e-4)  # weight lambda_o = 1
+
+
+def test_ewc_defaults_the_empirical_fisher_of_every_sample_and_lambda_1(
+    tiny_llava: Path, ucit_root: Path, tmp_path: Path
+) -> None:
+    method = make_method("ewc", tiny_llava, ucit_root, tmp_path)
+    at = stage(1, "R")
+    model = method.before_stage(method.context.bundle.model, at)
+    samples = method.training_samples(at)
+    trainable = trainable_parameters(model)
+    expected = {n: torch.zeros_like(p) for n, p in trainable.items()}
+    model.eval()
+    for sample in samples:  # every sample (8 < fisher_batches), one at a time
+        model.zero_grad()
+        one = next(training_batches([sample], method.context.bundle, 1, 512, torch.device("cpu")))
+        model(**one).loss.backward()
+        for n, p in trainable.items():
+            expected[n] += p.grad.pow(2) / len(samples)
+    model.zero_grad()
+    model.train()
+    model = method.after_stage(model, at)
+    for n, f in expected.items():
+        assert torch.allclose(method.fisher[n], f, rtol=1e-4, atol=1e-12), n
+    method.before_stage(model, stage(2, "A"))
+    name, fisher = max(method.fisher.items(), key=lambda kv: kv[1].max().item())
+    index = int(fisher.argmax())
+    with torch.no_grad():
+        trainable[name].view(-1)[index] += 0.1
+    penalty = method.extra_losses(model, batch_of(method, stage(2, "A")), None)["ewc"]
+    assert penalty.item() == pytest.approx(1.0 / 2 * fisher.view(-1)[index].item() * 0.1**2,
+                                           rel=1e-3)  # EWC eq. 3 with lambda = 1
+
+
+def test_olora_defaults_lambda_005_on_the_absolute_overlaps(
+    tiny_llava: Path, ucit_root: Path, tmp_path: Path
+) -> None:
+    method = make_method("olora", tiny_llava, ucit_root, tmp_path)
+    first, second = stage(1, "R"), stage(2, "A")
+    model = method.before_stage(method.context.bundle.model, first)
+    model = method.after_stage(model, first)
+    model = method.before_stage(model, second)
+    overlaps = sum(
+        (module.lora_A["stage_2"].weight @ module.lora_A["stage_1"].weight.T).abs().sum()
+        for module in model.modules() if hasattr(module, "lora_A") and "stage_2" in module.lora_A
+    )
+    assert overlaps > 0
+    orth = method.extra_losses(model, batch_of(method, second), None)["orth"]
+    assert orth.item() == pytest.approx(0.05 * overlaps.item(), rel=1e-5)  # MCITlib's LLaVA
+
+
+def test_replay_defaults_mix_as_many_past_samples_as_new_ones(
+    tiny_llava: Path, ucit_root: Path, tmp_path: Path
+) -> None:
+    method = make_method("replay", tiny_llava, ucit_root, tmp_path)
+    first, second = stage(1, "R"), stage(2, "A")
+    method.after_stage(None, first)
+    mixed = method.training_samples(second)
+    own = method.context.train_samples(second.tasks[0])
+    past = method.context.train_samples(first.tasks[0])
+    assert mixed[:8] == own and len(mixed) == 16  # ratio 1: 8 replayed with the 8 new
+    assert sorted(s.id for s in mixed[8:]) == sorted(s.id for s in past)  # the buffer kept all

@@ -6,12 +6,15 @@ import copy
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import CLIP
 from method_helpers import RANK, make_context, stage, trained_like
+from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
+from cl_bench.cli import main
 from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import generate_answers
@@ -29,6 +32,7 @@ from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
 from methods.hide_llava.options import HiDeOptions
 from methods.hide_llava.routing import routing_weights
+from reports.run_folder import read_records
 from tasks.loaders import load_samples
 
 
@@ -278,7 +282,7 @@ def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip
     with open(tmp_path / "routing" / "stage_2.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["evaluated", "ImageNet-R", "ArxivQA", "routing_accuracy"]
-    assert [sum(map(int, r[1:3])) for r in rows[1:]] == [4, 4]  # every test sample routed once
+    assert [sum(map(int, r[1:3])) for r in rows[1:]] == [12, 12]  # every test sample routed once
 
     checkpoint = tmp_path / "checkpoints" / "stage_2"
     method.save(model, checkpoint)
@@ -293,39 +297,64 @@ def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip
         HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx).load(checkpoint)
 
 
-@pytest.mark.slow
-def test_end_to_end_run_writes_routing_and_parameters(
-    tiny_llava, ucit_root, tiny_clip, tmp_path
-) -> None:
-    from cl_bench.cli import main
-    from reports.run_folder import read_records
+def hide_argv(ucit_root: Path, model: Path, encoder: Path, out: Path) -> list[str]:
+    return ["run", "--method", "hide_llava", "--suite", "ucit", "--data-root", str(ucit_root),
+            "--model", str(model), "--quick", "--order", "RC", "--out", str(out),
+            "--general", "none", "--set", f"method.encoder={encoder}",
+            "--set", "eval.max_new_tokens=4", *LEARNING]
 
-    out = tmp_path / "run"
-    code = main([
-        "run", "--method", "hide_llava", "--suite", "ucit", "--data-root", str(ucit_root),
-        "--model", str(tiny_llava), "--quick", "--order", "RA", "--out", str(out),
-        "--set", f"method.encoder={tiny_clip}", "--set", "train.max_steps=2",
-    ])
-    assert code == 0
-    last = read_records(out)[-1]["method"]
+
+@pytest.fixture(scope="module")
+def hide_run(tmp_path_factory, ucit_root: Path, taught_llava: Path, tiny_clip: Path) -> Path:
+    out = tmp_path_factory.mktemp("hide") / "run"
+    assert main(hide_argv(ucit_root, taught_llava, tiny_clip, out)) == 0
+    return out
+
+
+def run_matrix(run: Path) -> list[list[float]]:
+    return [[r["scores"][t] for t in ("ImageNet-R", "CLEVR-Math")] for r in read_records(run)]
+
+
+def test_end_to_end_run_writes_routing_and_parameters(hide_run: Path) -> None:
+    last = read_records(hide_run)[-1]["method"]
     assert last["layout"] == "hide" and last["params"]["total"] > last["params"]["model"]
-    assert set(last["routing_accuracy"]) == {"ImageNet-R", "ArxivQA"}
-    assert all((out / "routing" / f"stage_{t}.csv").is_file() for t in (1, 2))
-    report = (out / "report.md").read_text()
+    assert set(last["routing_accuracy"]) == {"ImageNet-R", "CLEVR-Math"}
+    assert all((hide_run / "routing" / f"stage_{t}.csv").is_file() for t in (1, 2))
+    report = (hide_run / "report.md").read_text()
     assert "## Method diagnostics" in report and "### Routing after stage 2" in report
-    assert sorted(p.name for p in (out / "checkpoints" / "stage_2" / "hide_llava").iterdir()) == [
-        "task_1.safetensors", "task_2.safetensors"]
+    kept = hide_run / "checkpoints" / "stage_2" / "hide_llava"
+    experts = sorted(p.name for p in kept.iterdir())
+    assert experts == ["task_1.safetensors", "task_2.safetensors"]
 
-    # the run's stages re-assembled under every Table 3 layout; 'hide' reproduces the run
-    assert main(["analyze", "layouts", str(out), "--layouts", "hide,merge_rest"]) == 0
-    table = json.loads((out / "layouts" / "layouts.json").read_text())
-    run_matrix = [[r["scores"][t] for t in ("ImageNet-R", "ArxivQA")] for r in read_records(out)]
-    assert torch.allclose(torch.tensor(table["hide"]["matrix"]), torch.tensor(run_matrix))
+
+def test_the_hide_layout_reproduces_the_run(hide_run: Path) -> None:
+    """The run's stages re-assembled under Table 3 layouts: 'hide' gives the run's matrix."""
+    matrix = run_matrix(hide_run)
+    assert min(matrix[0]) > 10 and matrix[0] != matrix[1] != matrix[2]  # real, moving scores
+    assert main(["analyze", "layouts", str(hide_run), "--layouts", "hide,merge_rest"]) == 0
+    table = json.loads((hide_run / "layouts" / "layouts.json").read_text())
+    assert torch.allclose(torch.tensor(table["hide"]["matrix"]), torch.tensor(matrix))
     assert table["merge_rest"]["params"]["lora"] < table["hide"]["params"]["lora"]
-    # CKA between the run's two task models, each on its own task's inputs
-    assert main(["analyze", "cka", "--run", str(out), "--limit", "4",
+
+
+def test_cka_between_the_task_models_of_a_run(hide_run: Path, tmp_path: Path) -> None:
+    assert main(["analyze", "cka", "--run", str(hide_run), "--limit", "4",
                  "--out", str(tmp_path / "cka")]) == 0
     assert (tmp_path / "cka" / "cka.csv").read_text().count("\n") == 1 + 2  # header + 2 layers
-    assert main(["analyze", "cka", "--run", str(out), "--inputs", "R", "--limit", "4",
+    assert main(["analyze", "cka", "--run", str(hide_run), "--inputs", "R", "--limit", "4",
                  "--out", str(tmp_path / "cka_same")]) == 0
-    assert "model(ArxivQA)" in (tmp_path / "cka_same" / "cka.md").read_text()
+    assert "model(CLEVR-Math)" in (tmp_path / "cka_same" / "cka.md").read_text()
+
+
+def test_resume_of_a_killed_hide_llava_run_gives_the_same_run(
+    hide_run: Path, ucit_root: Path, taught_llava: Path, tiny_clip: Path, tmp_path: Path,
+    monkeypatch
+) -> None:
+    out = tmp_path / "killed"
+    kill_after_predictions(monkeypatch, 5)  # in stage 2's evaluation, its expert written
+    with pytest.raises(KeyboardInterrupt):
+        main(hide_argv(ucit_root, taught_llava, tiny_clip, out))
+    assert (out / "hide_llava" / "task_2.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    assert_same_run(out, hide_run, "hide_llava", "routing")

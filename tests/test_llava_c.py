@@ -2,8 +2,11 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from conftest import INQUIRY_FILE
+from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
 from cl_bench.analysis.sweep import parse_alphas, sweep_alpha
 from cl_bench.cli import main
@@ -11,6 +14,8 @@ from cl_bench.errors import CLBenchError
 from cl_bench.models.deltas import LoraFactors
 from methods.llava_c.consolidation import sac_delta
 from methods.llava_c.method import consolidator, forward_kl, hidden_distance
+
+TASKS = ("ImageNet-R", "CLEVR-Math")
 
 
 def test_uir_distances_hand_computed() -> None:
@@ -58,39 +63,61 @@ def test_parse_alphas() -> None:
 
 
 @pytest.fixture(scope="module")
-def llava_c_run(tmp_path_factory, ucit_root: Path, tiny_llava: Path) -> Path:
-    tmp = tmp_path_factory.mktemp("llava_c")
-    inquiries = tmp / "inquiries.json"
-    questions = ["What colour is the square?", "Generate a brief caption for the image."]
-    inquiries.write_text(json.dumps([{"id": i, "text": q} for i, q in enumerate(questions * 4)]))
-    out = tmp / "run"
-    argv = ["run", "--method", "llava_c", "--suite", "ucit", "--data-root", str(ucit_root),
-            "--model", str(tiny_llava), "--quick", "--order", "RA", "--out", str(out),
-            "--general", "none", "--set", f"method.inquiry_file={inquiries}",
-            "--set", "method.alpha=0.5", "--set", "eval.max_new_tokens=4",
-            "--set", "train.learning_rate=0.05"]
-    assert main(argv) == 0
+def llava_c_run(tmp_path_factory, ucit_root: Path, taught_llava: Path) -> Path:
+    out = tmp_path_factory.mktemp("llava_c") / "run"
+    assert main(llava_c_argv(ucit_root, taught_llava, out)) == 0
     return out
+
+
+def llava_c_argv(ucit_root: Path, model: Path, out: Path) -> list[str]:
+    return ["run", "--method", "llava_c", "--suite", "ucit", "--data-root", str(ucit_root),
+            "--model", str(model), "--quick", "--order", "RC", "--out", str(out),
+            "--general", "none", "--set", f"method.inquiry_file={INQUIRY_FILE}",
+            "--set", "method.alpha=0.5", "--set", "eval.max_new_tokens=4", *LEARNING]
 
 
 def test_llava_c_stores_deltas_and_trains_with_uir(llava_c_run: Path) -> None:
     lines = (llava_c_run / "records.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["stage"] for r in records] == [0, 1, 2]
-    assert all(r["train"]["uir"] >= 0 for r in records[1:])
+    assert all(r["train"]["uir"] > 0 for r in records[1:])
     for stage in (1, 2):
         assert (llava_c_run / "deltas" / f"stage_{stage}.safetensors").exists()
 
 
-def test_sweep_at_the_run_alpha_reproduces_the_run(llava_c_run: Path) -> None:
-    csv = sweep_alpha(llava_c_run, 2, [0.5, 0.0], {"consolidation": "sac"})
-    import pandas as pd
+def sweep_rows(run: Path, alphas: list[float], consolidation: str) -> list[list[float]]:
+    """Stage 2 re-consolidated at each alpha, in one sweep: the task scores per alpha."""
+    frame = pd.read_csv(sweep_alpha(run, 2, alphas, {"consolidation": consolidation}))
+    return [[row[task] for task in TASKS] for _, row in frame.iterrows()]
 
-    frame = pd.read_csv(csv)
+
+def test_sweep_at_the_run_alpha_reproduces_the_run(llava_c_run: Path) -> None:
     matrix = pd.read_csv(llava_c_run / "matrix.csv", index_col="stage")
-    for task in ("ImageNet-R", "ArxivQA"):
-        assert frame.loc[frame.alpha == 0.5, task].item() == pytest.approx(matrix.loc[2, task])
-    assert (csv.parent / "alpha.png").exists()
+    rows = [[matrix.loc[stage, task] for task in TASKS] for stage in (0, 1, 2)]
+    assert min(rows[0]) > 10 and rows[1] != rows[2]  # real scores, and stage 2 moves them
+    # alpha 1 first: each alpha starts again from the model before stage 2
+    other, same = sweep_rows(llava_c_run, [1.0, 0.5], "sac")
+    assert same == pytest.approx(rows[2], abs=0.005) and other != same
+    # stage 2's update left out: the model after stage 1, rebuilt from the stored deltas
+    half, none = sweep_rows(llava_c_run, [0.5, 0.0], "modelmix")
+    assert none == pytest.approx(rows[1], abs=0.005) and half != none
+    # SAC makes a difference here: a plain merge of stage 2 scores otherwise
+    (plain,) = sweep_rows(llava_c_run, [0.5], "none")
+    assert plain != pytest.approx(rows[2], abs=0.005)
+    assert (llava_c_run / "sweeps" / "stage_2_sac" / "alpha.png").exists()
+
+
+def test_resume_of_a_killed_llava_c_run_gives_the_same_run(
+    llava_c_run: Path, ucit_root: Path, taught_llava: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "killed"
+    kill_after_predictions(monkeypatch, 5)  # in stage 2's evaluation, its delta written
+    with pytest.raises(KeyboardInterrupt):
+        main(llava_c_argv(ucit_root, taught_llava, out))
+    assert (out / "deltas" / "stage_2.safetensors").is_file()
+    monkeypatch.undo()
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    assert_same_run(out, llava_c_run, "deltas")
 
 
 def test_sweep_errors(llava_c_run: Path, tmp_path: Path) -> None:

@@ -142,6 +142,16 @@ def test_multitask_run_defines_only_last() -> None:
     assert all(summary[k] is None for k in METRIC_NAMES if k != "Last")
 
 
+@pytest.mark.parametrize(("matrix", "last_score"), [
+    ([[10.0, 20.0], [40.0, 50.0]], 45.0),  # multitask over two tasks: a square matrix
+    ([[70.0]], 70.0),  # zero-shot on one task
+])
+def test_square_matrices_are_not_continual(matrix, last_score: float) -> None:
+    summary = summarize(matrix)
+    assert summary["Last"] == pytest.approx(last_score)
+    assert all(summary[k] is None for k in METRIC_NAMES if k != "Last")
+
+
 @pytest.mark.parametrize("metric", [avg, mft, maa, bwt, forgetting, fwt])
 def test_stage_metrics_need_a_continual_matrix(metric) -> None:
     with pytest.raises(CLBenchError, match=r"\(T\+1\) x T .*got 2 row\(s\) for 3 task\(s\)"):

@@ -14,11 +14,12 @@ from method_stages import (
     train_stage,
 )
 from PIL import Image
+from safetensors import safe_open
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
-from cl_bench.models.llava import load_llava
+from cl_bench.models.checkpoint import MODEL_FILE
 from methods.modalprompt.method import ModalPrompt
 from methods.modalprompt.options import ModalPromptOptions
 from methods.modalprompt.prompts import (
@@ -194,9 +195,8 @@ def test_quick_run_resumes_with_its_task_prompts(
                                      monkeypatch, f"method.encoder={tiny_clip}")
     checkpoint = whole / "checkpoints" / "stage_2"
     assert (checkpoint / "modalprompt.safetensors").is_file()
-    start, final = load_llava(tiny_llava).model, load_llava(checkpoint / "model").model
-    final_params = dict(final.named_parameters())
-    assert all(torch.equal(p, final_params[n]) for n, p in start.named_parameters())
+    with safe_open(str(checkpoint / MODEL_FILE), "pt") as f:
+        assert list(f.keys()) == []  # nothing in the LLaVA changed
 
 
 def test_bad_options_stop_a_run_before_its_folder(ucit_root, tiny_llava, tmp_path, capsys) -> None:

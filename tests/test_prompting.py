@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cl_bench.config import ModelConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.evaluation.generation import greedy_config
 from cl_bench.models.batching import collate_batch, prompt_item
@@ -163,7 +164,7 @@ def test_wrong_row_counts_and_double_attachment_are_errors(bundle) -> None:
 
 
 def test_prompts_follow_a_bf16_model_and_stay_fp32(tiny_llava) -> None:
-    bundle = load_llava(tiny_llava, dtype=torch.bfloat16)
+    bundle = load_llava(tiny_llava, ModelConfig(device="cpu", dtype="bf16"))
     model = bundle.model
     source = TablePrompts(model.config.text_config.hidden_size)
     source.rows = torch.tensor([0, 1])

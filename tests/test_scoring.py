@@ -47,6 +47,7 @@ from tasks.scoring import (
         ("A, B", None),
         ("B and C", None),
         ("The answer is B or C", None),
+        ("The answer is A. No, the answer is C.", None),  # two phrases, two letters
         ("(B), (C)", None),
         ("B. or C.", None),
         ("it is a cat", None),  # the word "a" in a sentence is not option A
@@ -209,11 +210,12 @@ def test_contractions_missing_some_apostrophes(raw: str, normalised: str) -> Non
     assert normalize_vqa_answer(raw) == normalised
 
 
-def test_vqa_single_reference_is_exact_match() -> None:
-    assert vqa_accuracy("The Cat.", ["cat"]) == 1.0
-    assert vqa_accuracy("cats", ["cat"]) == 0.0
-    assert vqa_accuracy("", [""]) == 0.0  # empty never correct
-    assert vqa_accuracy("", ["a", "the"]) == 0.0
+@pytest.mark.parametrize("accuracy", [vqa_accuracy, vqa_accuracy_min3])
+def test_vqa_single_reference_is_exact_match(accuracy) -> None:
+    assert accuracy("The Cat.", ["cat"]) == 1.0
+    assert accuracy("cats", ["cat"]) == 0.0
+    assert accuracy("", [""]) == 0.0  # empty never correct
+    assert accuracy("", ["a", "the"]) == 0.0
 
 
 # ---------------------------------------------------------------- lenient numbers
