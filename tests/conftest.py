@@ -242,10 +242,13 @@ def llama_tokenizer(legacy: bool = False, vocab_size: int = 400):
     return tokenizer
 
 
-@pytest.fixture(autouse=True)
-def fixed_git_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def fixed_git_commit() -> Iterator[None]:
     """The code version runs record, pinned: a commit or an edit of the checkout while the
-    tests run would otherwise make ``--resume`` refuse the runs the tests resume."""
+    tests run would otherwise make ``--resume`` refuse the runs the tests resume. Session-wide,
+    so that a test's ``monkeypatch.undo()`` leaves it in place."""
     import cl_bench.running.environment
 
-    monkeypatch.setattr(cl_bench.running.environment, "git_commit", lambda: "test-checkout")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cl_bench.running.environment, "git_commit", lambda: "test-checkout")
+        yield

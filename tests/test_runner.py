@@ -126,7 +126,7 @@ def half_writing_open(real_open):
 
 
 def test_a_run_killed_while_it_writes_a_record_resumes_to_the_same_matrix(
-    finished: Path, ucit_root: Path, tiny_llava: Path, tmp_path: Path, monkeypatch
+    finished: Path, ucit_root: Path, taught_llava: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import builtins
 
@@ -145,7 +145,7 @@ def test_a_run_killed_while_it_writes_a_record_resumes_to_the_same_matrix(
     out = tmp_path / "killed"
     monkeypatch.setattr(RunFolder, "append_record", dies_at_stage_2)
     with pytest.raises(KeyboardInterrupt):
-        main(quick_argv(ucit_root, tiny_llava, out))
+        main(quick_argv(ucit_root, taught_llava, out))
     text = (out / "records.jsonl").read_text()
     assert text.endswith("\n") and [json.loads(x)["stage"] for x in text.splitlines()] == [0, 1]
     monkeypatch.setattr(RunFolder, "append_record", real_append)
@@ -180,10 +180,12 @@ def test_resume_refuses_a_changed_config_or_code_unless_forced(
     assert main(["run", "--out", str(run), "--resume", "--set", "train.learning_rate=1"]) == 2
     assert "started under another config" in capsys.readouterr().err
     config = run / "config.yaml"
-    config.write_text(config.read_text().replace("max_steps: 6", "max_steps: 7"))
+    original = config.read_text()
+    assert "max_steps: 12" in original
+    config.write_text(original.replace("max_steps: 12", "max_steps: 13"))
     assert main(["run", "--out", str(run), "--resume"]) == 2
     assert "config.yaml edited, or --set given" in capsys.readouterr().err
-    config.write_text(config.read_text().replace("max_steps: 7", "max_steps: 6"))
+    config.write_text(original)
     monkeypatch.setattr(cl_bench.running.environment, "git_commit", lambda: "0" * 40)
     assert main(["run", "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
