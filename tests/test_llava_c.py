@@ -132,3 +132,35 @@ def test_sweep_errors(llava_c_run: Path, tmp_path: Path) -> None:
     (finetune_dir / "config.yaml").write_text(config)
     with pytest.raises(CLBenchError, match="stores no deltas"):
         sweep_alpha(finetune_dir, 1, [0.5])
+
+
+def test_the_sweep_restores_layers_and_full_parameters_between_alphas(tiny_llava: Path) -> None:
+    """Each alpha starts from the model before the swept stage: its LoRA updates removed and
+    its full parameters (the projector) put back, whatever the previous alpha added."""
+    from cl_bench.analysis.sweep import mark, restore
+    from cl_bench.models.deltas import StageDelta
+    from cl_bench.models.llava import load_llava
+    from cl_bench.models.updates import apply_delta
+
+    model = load_llava(tiny_llava).model
+    layer = "model.language_model.layers.0.self_attn.q_proj"
+    projector = "model.multi_modal_projector.linear_1.weight"
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    weight = params[f"{layer}.weight"]
+    delta = StageDelta(
+        lora={layer: LoraFactors(torch.randn(weight.shape[0], 2, generator=gen),
+                                 torch.randn(2, weight.shape[1], generator=gen), 1.0)},
+        full={projector: torch.randn(params[projector].shape, generator=gen)},
+    )
+    x = torch.randn(3, weight.shape[1], generator=gen)
+    before = (model.get_submodule(layer)(x).clone(), params[projector].detach().clone())
+    marked = mark(model, delta)
+    for alpha in (1.0, 0.5):
+        restore(model, marked)
+        apply_delta(model, delta, lambda u, a=alpha: a * torch.as_tensor(
+            u.product() if isinstance(u, LoraFactors) else u))
+        assert not torch.allclose(dict(model.named_parameters())[projector], before[1])
+    restore(model, marked)
+    assert torch.equal(dict(model.named_parameters())[projector], before[1])
+    assert torch.allclose(model.get_submodule(layer)(x), before[0], atol=1e-6)
