@@ -2,9 +2,11 @@
 
 One run is N identical processes: every rank loads the model, trains its share of each global
 batch and repeats the method's between-stage work (merging, anchors, buffers: deterministic, so
-the same on every rank). Rank 0 alone owns the run folder and evaluates; the other ranks wait at
-a barrier. A rank that fails exits with its error and the launcher stops the others; files
-appear atomically (``cl_bench.running.atomic``), so a stopped run leaves nothing half-written.
+the same on every rank) and evaluates its share of each test set
+(``cl_bench.evaluation.sharding``). Rank 0 alone owns the run folder; the other ranks wait at a
+barrier while it writes. A rank that fails exits with its error and the launcher stops the
+others; files appear atomically (``cl_bench.running.atomic``), so a stopped run leaves nothing
+half-written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
-# rank 0 may evaluate alone for long (7B, UCIT: ~25 min a stage) while the others wait
+# rank 0 may work alone for long (writing 7B checkpoints, scoring) while the others wait
 BARRIER_TIMEOUT = timedelta(hours=int(os.environ.get("CLBENCH_BARRIER_HOURS", "6")))
 
 
@@ -43,7 +45,7 @@ def launched() -> bool:
 
 def init_processes(device: torch.device) -> None:
     """Join the launcher's process group (NCCL on CUDA, gloo on the CPU) with a timeout long
-    enough for rank 0's evaluation; nothing without a launcher or when already joined."""
+    enough for rank 0's writing; nothing without a launcher or when already joined."""
     if not launched() or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
