@@ -132,6 +132,11 @@ def degradation_panels(runs: list[Run]) -> list[tuple[str, str]]:
     return list(panels.items())
 
 
+FOOTPRINT_PANELS = [("footprint:kept_bytes", "kept beyond the starting model (MB)"),
+                    ("footprint:inference_parameters", "parameters at inference (M)")]
+FOOTPRINT_SCALE = {"kept_bytes": 1e-6, "inference_parameters": 1e-6}
+
+
 def stage_series(run: Run, key: str) -> tuple[list[int], list[float]]:
     """A panel's values of one run: stages and values (stages lacking the value left out)."""
     kind, *name = key.split(":")
@@ -139,6 +144,9 @@ def stage_series(run: Run, key: str) -> tuple[list[int], list[float]]:
     for r in run.records:
         if kind == "general":
             value = r.get("general", {}).get(name[0], {}).get(name[1])
+        elif kind == "footprint":
+            value = r.get("footprint", {}).get(name[0])
+            value = None if value is None else value * FOOTPRINT_SCALE[name[0]]
         else:
             value = r.get("probes", {}).get(name[0])
         if value is not None:
@@ -147,9 +155,24 @@ def stage_series(run: Run, key: str) -> tuple[list[int], list[float]]:
 
 
 def degradation_figure(groups: dict[str, list[Run]], title: str):
-    """General benchmark scores and probe measures across stages, one line per group (the mean
-    over its runs, with the sample std as error bars); None when no run measured any."""
-    panels = degradation_panels([r for runs in groups.values() for r in runs])
+    """General benchmark scores and probe measures across stages (see ``stages_figure``)."""
+    return stages_figure(groups, title, degradation_panels(
+        [r for runs in groups.values() for r in runs]))
+
+
+def footprint_figure(groups: dict[str, list[Run]], title: str):
+    """What each method keeps, and holds at inference, as tasks accumulate (HiDe-LLaVA Figure 5's
+    comparison); None for runs recorded before footprints were."""
+    runs = [r for rs in groups.values() for r in rs]
+    if not any("footprint" in rec for r in runs for rec in r.records):
+        return None
+    return stages_figure(groups, title, FOOTPRINT_PANELS, xlabel="tasks learned")
+
+
+def stages_figure(groups: dict[str, list[Run]], title: str, panels: list[tuple[str, str]],
+                  xlabel: str = "after stage"):
+    """One panel per ``(key, label)`` of ``stage_series`` across stages, one line per group
+    (the mean over its runs, with the sample std as error bars); None without panels."""
     if not panels:
         return None
     plt = pyplot()
@@ -170,7 +193,7 @@ def degradation_figure(groups: dict[str, list[Run]], title: str):
             errors = [np.std(by_stage[s], ddof=1) if len(by_stage[s]) > 1 else 0.0
                       for s in stages]
             ax.errorbar(stages, means, yerr=errors, label=name, capsize=3, **series(i))
-        ax.set(xlabel="after stage", ylabel=label, title=label)
+        ax.set(xlabel=xlabel, ylabel=label, title=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
@@ -280,4 +303,8 @@ def comparison_figures(tables) -> list[tuple[str, str, object]]:
         if degradation is not None:
             out.append((f"table{number}-degradation",
                         f"{table.title}: general benchmarks and probes", degradation))
+        footprint = footprint_figure(groups, f"{table.title}: memory as tasks accumulate")
+        if footprint is not None:
+            out.append((f"table{number}-footprint", f"{table.title}: memory with tasks",
+                        footprint))
     return out

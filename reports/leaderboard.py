@@ -18,11 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reports.results import GRID_MANIFEST, METRICS, Run, load_runs
+from reports.results import FOOTPRINT_COLUMNS, GRID_MANIFEST, METRICS, Run, load_runs
 
 SETTING_KEYS = ("suite", "order", "model", "data_root", "quick")
 IGNORED_KEYS = {"out", "seed", "method", *SETTING_KEYS}
-LOWER_IS_BETTER = {"Forgetting"}
+LOWER_IS_BETTER = {"Forgetting", *FOOTPRINT_COLUMNS}
 DROP = " drop"  # suffix of a general benchmark's drop column: start minus final, lower is better
 BOUND_NAMES = {"zero-shot": "bound: zero-shot", "joint": "bound: joint training"}
 DECIMALS = 2  # printed precision of every cell
@@ -114,6 +114,7 @@ def run_values(run: Run, per_task: bool) -> dict[str, float]:
             values[name] = series[-1]
             if series[0] is not None and series[-1] is not None:
                 values[name + DROP] = series[0] - series[-1]
+        values |= run.footprint()
     return {k: float(v) for k, v in values.items() if v is not None}
 
 

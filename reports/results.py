@@ -16,7 +16,9 @@ Columns (every frame starts with ``run`` (the folder's path), ``method``, ``suit
 - ``matrix_frame``: one row per run, stage and task: ``stage``, ``trained_on`` (``+``-joined),
   ``task``, ``score``.
 - ``records_frame``: one row per run and stage: ``stage``, ``trained_on``, ``train_loss``,
-  ``train/<term>`` (extra loss terms, e.g. ``train/uir``), ``train_seconds``, ``eval_seconds``.
+  ``train/<term>`` (extra loss terms, e.g. ``train/uir``), ``train_seconds``, ``eval_seconds``,
+  and the stage's footprint (``cl_bench.models.footprint``): ``trainable_parameters``,
+  ``inference_parameters``, ``inference_bytes``, ``kept_bytes``.
 - ``general_frame``: one row per run, stage, benchmark and metric: ``stage``, ``benchmark``,
   ``metric``, ``value``.
 - ``probes_frame``: one row per run and probed stage: ``stage`` and the probe numbers
@@ -43,6 +45,7 @@ import yaml
 from cl_bench.errors import CLBenchError
 
 METRICS = ("Avg", "Last", "MFT", "MAA", "BWT", "FWT", "Forgetting")
+FOOTPRINT_COLUMNS = ("Trained (M)", "Added at inference (M)", "Kept (MB)")
 PROBE_NUMBERS = (
     "mean_words", "length_ratio", "short_share", "one_word_share", "option_share",
     "learned_format_share", "start_learned_format_share", "language_shift",
@@ -151,6 +154,24 @@ class Run:
                     out.setdefault(bench, {}).setdefault(metric, [None] * stages)[i] = value
         return out
 
+    def footprint(self) -> dict[str, float]:
+        """The memory columns (cl_bench.models.footprint): most parameters trained in a stage
+        (millions), parameters added at inference since stage 0 (millions) and what the last
+        stage's checkpoint keeps beyond the starting model (MB); {} for runs before they were
+        recorded."""
+        stages = [r["footprint"] for r in self.records if "footprint" in r]
+        if len(stages) < 2:
+            return {}
+        trained = [s["trainable_parameters"] for s in stages[1:] if s["trainable_parameters"]]
+        values = {
+            FOOTPRINT_COLUMNS[1]: (stages[-1]["inference_parameters"]
+                                   - stages[0]["inference_parameters"]) / 1e6,
+            FOOTPRINT_COLUMNS[2]: stages[-1]["kept_bytes"] / 1e6,
+        }
+        if trained:
+            values[FOOTPRINT_COLUMNS[0]] = max(trained) / 1e6
+        return values
+
     def identity(self) -> dict[str, object]:
         return {"run": str(self.path), "method": self.method, "suite": self.suite,
                 "seed": self.seed}
@@ -236,6 +257,7 @@ def records_frame(paths) -> pd.DataFrame:
                 "train_loss": train.get("train_loss"),
                 **{f"train/{k}": v for k, v in train.items() if k != "train_loss"},
                 "train_seconds": seconds.get("train"), "eval_seconds": seconds.get("eval"),
+                **r.get("footprint", {}),
             })
     return pd.DataFrame(rows)
 

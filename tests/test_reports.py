@@ -25,7 +25,7 @@ from cl_bench.cli import main
 from cl_bench.models.deltas import StageDelta
 from methods.llava_c.consolidation import sac_delta
 from reports import results
-from reports.leaderboard import Cell, Row, Table, build_tables
+from reports.leaderboard import Cell, Row, Table, build_tables, lower_is_better
 from reports.publish import leaderboard
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -192,6 +192,24 @@ def test_leaderboard_flags_mismatched_runs(runs: GridRuns, tmp_path: Path) -> No
     assert "seed 0 appears twice" in notes and "seed 1 appears twice" not in notes
 
 
+def test_memory_columns_come_from_the_records_footprints(runs: GridRuns) -> None:
+    [table] = build_tables([runs.grid])
+    for method in ("finetune", "llava_c_sac"):
+        records = [json.loads(x) for x in
+                   (runs.grid / f"{method}-seed0" / "records.jsonl").read_text().splitlines()]
+        prints = [r["footprint"] for r in records]
+        cells = row(table, method).cells
+        assert cells["Kept (MB)"].values[0] == prints[-1]["kept_bytes"] / 1e6
+        assert cells["Trained (M)"].values[0] == max(
+            p["trainable_parameters"] for p in prints) / 1e6
+        assert cells["Added at inference (M)"].values[0] == (
+            prints[-1]["inference_parameters"] - prints[0]["inference_parameters"]) / 1e6
+        assert cells["Kept (MB)"].mean > 0
+    bound = row(table, "zeroshot [bound: zero-shot]").cells  # never trained: nothing kept
+    assert "Kept (MB)" not in bound or not bound["Kept (MB)"].values
+    assert lower_is_better("Kept (MB)") and lower_is_better("Trained (M)")
+
+
 def test_best_is_direction_aware_and_skips_bounds() -> None:
     def make(label: str, kind: str, forgetting: float, bwt: float) -> Row:
         return Row(label, label, kind, [], {"Forgetting": Cell([forgetting]),
@@ -217,7 +235,7 @@ def test_leaderboard_formats_and_per_task(runs: GridRuns, tmp_path: Path) -> Non
     assert "http://" not in page and "https://" not in page
     images = page.split('src="data:image/png;base64,')[1:]
     assert images and base64.b64decode(images[0].split('"')[0]).startswith(PNG_MAGIC)
-    for name in ("table1-matrices.png", "table1-matrices.pdf"):
+    for name in ("table1-matrices.png", "table1-matrices.pdf", "table1-footprint.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 1000
     [table] = build_tables([runs.grid], per_task=True)
     assert table.columns == ["ImageNet-R", "VizWiz-caption", "Last"]

@@ -208,3 +208,22 @@ def test_two_runs_cannot_write_one_folder(finished: Path, tmp_path: Path, capsys
     finally:
         lock.release()
     RunLock(finished).acquire().release()
+
+
+def test_every_record_holds_the_stage_footprint(finished: Path, taught_llava: Path) -> None:
+    """Stage 0 holds the starting model's own tensors and keeps nothing; each stage trains the
+    same LoRA + projector and keeps exactly its checkpoint's weight files."""
+    from cl_bench.models.llava import load_llava
+
+    records = [json.loads(x) for x in (finished / "records.jsonl").read_text().splitlines()]
+    base = load_llava(taught_llava).model
+    tensors = {id(t): t for t in [*base.parameters(), *base.buffers()]}.values()
+    start, *stages = [r["footprint"] for r in records]
+    assert start == {"trainable_parameters": 0, "kept_bytes": 0,
+                     "inference_parameters": sum(t.numel() for t in tensors),
+                     "inference_bytes": sum(t.numel() * t.element_size() for t in tensors)}
+    projector = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
+    assert stages[0]["trainable_parameters"] == stages[1]["trainable_parameters"] > projector
+    kept = sum(f.stat().st_size for f in (finished / "checkpoints/stage_2").rglob("*.safetensors"))
+    assert stages[1]["kept_bytes"] == kept
+    assert stages[1]["kept_bytes"] > stages[0]["kept_bytes"] > 0  # the stages' updates, kept

@@ -24,6 +24,7 @@ from cl_bench.evaluation.backends import check_backend, task_answerer
 from cl_bench.evaluation.generation import TaskResult, scored
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.metrics import summarize
+from cl_bench.models.footprint import inference_footprint, tensor_file_bytes, trainable_parameters
 from cl_bench.models.llava import load_llava
 from cl_bench.models.placement import compute_dtype, device_of, resolve_device
 from cl_bench.registry import call_target, get_method, get_suite
@@ -196,7 +197,9 @@ def run_stages(method: Method, ctx: MethodContext, tasks: list[TaskSpec], folder
         log(f"{cfg.method} on {cfg.suite}: evaluating the starting model on {len(tasks)} tasks")
         set_seed(cfg.seed)  # every rank evaluates its share; rank 0 writes
         results = evaluate_all(bundle.model, ctx, tasks, test_sets, 0, folder)
-        extra = {**checks.measure(bundle.model, 0), "environment": env}
+        footprint = {"trainable_parameters": 0, **inference_footprint(bundle.model),
+                     "kept_bytes": 0}
+        extra = {**checks.measure(bundle.model, 0), "footprint": footprint, "environment": env}
         on_main(lambda: (folder.append_record(stage_record(None, results, extra)),
                          trackers.log_stage()))
     else:
@@ -212,7 +215,9 @@ def run_stages(method: Method, ctx: MethodContext, tasks: list[TaskSpec], folder
 
 
 def keep_record(folder: RunFolder, record: dict, stage: int) -> None:
-    """Append the stage's record, then drop the previous stage's checkpoint."""
+    """Append the stage's record (with the size of what its checkpoint keeps), then drop the
+    previous stage's checkpoint."""
+    record["footprint"]["kept_bytes"] = tensor_file_bytes(folder.checkpoint(stage))
     folder.append_record(record)
     previous = folder.checkpoint(stage - 1)
     if previous.exists():
@@ -247,6 +252,7 @@ def run_stage(
         set_seed(ctx.config.seed + stage.index)
         model = method.before_stage(model, stage)
         ctx.note_trainable(model)
+        trainable = trainable_parameters(model)
         trainer_dir = folder.path / "trainer" / f"stage_{stage.index}"
         train_info = train_model(
             model, ctx.bundle, method.training_samples(stage), ctx.config.train, trainer_dir,
@@ -256,7 +262,8 @@ def run_stage(
             functools.partial(method.before_optimizer_step, model),
         )
         model = method.after_stage(model, stage)
-        done = {"train": train_info, "seconds": round(time.time() - t0, 2), **peak.read("train")}
+        done = {"train": train_info, "seconds": round(time.time() - t0, 2),
+                "trainable_parameters": trainable, **peak.read("train")}
 
         def keep_training() -> None:
             folder.write_checkpoint(stage.index, lambda path: method.save(model, path), done)
@@ -275,7 +282,9 @@ def run_stage(
     if measured:
         seconds["general_probes"] = round(time.time() - t2, 2)
     memory = {k: v for k, v in done.items() if k.startswith("peak")} | peak.read("eval")
-    extra = {"train": done["train"], "seconds": seconds, **measured}
+    footprint = {"trainable_parameters": done.get("trainable_parameters"),
+                 **inference_footprint(evaluated)}
+    extra = {"train": done["train"], "seconds": seconds, "footprint": footprint, **measured}
     if memory:
         extra["memory_gb"] = memory
     if diagnostics:
