@@ -34,6 +34,7 @@ def cheap_options(name: str, clip: Path) -> dict:
         "model_tailor": {"calibration_samples": 2, "calibration_batch": 2},
         "mr_lora": {"router_samples": 1, "router_epochs": 1.0},
         "sefe": {"asd": False},
+        "smolora": {"encoder": str(clip), "rank": 8},
     }.get(name, {})
 
 
