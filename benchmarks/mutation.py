@@ -503,6 +503,54 @@ TAILOR = mutants(
      "the error is not spread onto later blocks"),
 )
 
+SMOLORA = mutants(
+    "methods/smolora.py",
+    ("experts: int | None = 8", "experts: int | None = 4", "default 4 experts, not 8"),
+    ("rank_per_expert = 16", "rank_per_expert = 8", "default rank 8 per expert, not 16"),
+    ("alpha = torch.softmax(scores, dim=-1)", "alpha = torch.softmax(scores, dim=0)",
+     "the fusion softmax runs across samples, not the two halves"),
+    ("return alpha[..., :1] * vu + alpha[..., 1:] * follow",
+     "return alpha[..., 1:] * vu + alpha[..., :1] * follow", "each half takes the other's weight"),
+    ("follow = top1(instructions @ self.if_router.T)",
+     "follow = top1(instructions[:1].expand_as(instructions) @ self.if_router.T)",
+     "every sample takes the first sample's instruction expert"),
+    ("return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)", "return x.mean(1)",
+     "the visual route averages padding too"),
+    ("vu = top1(pooled @ self.vu_router.T)", "vu = torch.softmax(pooled @ self.vu_router.T, -1)",
+     "soft visual routes, not top-1"),
+    ("self.scaling * h[..., half:, :].flatten(-2) @ self.B[:, cut:].T",
+     "self.scaling * h[..., half:, :].flatten(-2) @ self.B[:, :cut].T",
+     "the instruction experts use the visual experts' B"),
+    ("features = self.encoder.text_features([question for question, _ in prompts])",
+     "features = self.encoder.text_features([question[:1] for question, _ in prompts])",
+     "the instruction embedding reads one character of the question"),
+)
+
+KEEPLORA = mutants(
+    "methods/keeplora.py",
+    ("weight_energy: float = 0.6", "weight_energy: float = 0.9", "default weight energy 0.9"),
+    ("feature_energy: float = 0.99", "feature_energy: float = 0.9", "default feature energy 0.9"),
+    ("alpha=options.alpha or rank / 4", "alpha=options.alpha or rank",
+     "default alpha = rank, not rank / 4"),
+    ("torch.linalg.svd(weight.float().T, full_matrices=False)",
+     "torch.linalg.svd(weight.float(), full_matrices=False)",
+     "the principal subspace of the output space"),
+    ("k = max(int((share < energy).sum()), 1)", "k = int((share < energy).sum()) + 1",
+     "one principal direction too many"),
+    ("return gradient_t - subspace.T @ (subspace @ gradient_t)", "return gradient_t",
+     "the gradient is not projected off the protected subspace"),
+    ("need = energy - float(kept)", "need = energy",
+     "the subspace's share of the gradient energy is ignored"),
+    ("lora_a.requires_grad_(False)  # release --freeze_lora_A", "pass",
+     "A trains instead of staying frozen"),
+    ("sums[name].addmm_(grad.flatten(0, -2).float().T, x.flatten(0, -2).float())",
+     "sums[name].addmm_(grad.flatten(0, -2).float().T.abs(), x.flatten(0, -2).float())",
+     "the captured gradient drops the output gradient's sign"),
+    ("self.subspaces[name] = grown_subspace(gradient, subspace,",
+     "self.subspaces[name] = subspace.cpu() if True else grown_subspace(gradient, subspace,",
+     "the subspace never grows after a task"),
+)
+
 MODULES = (
     Module("metrics", ("tests/test_metrics.py",), METRICS),
     Module("consolidation", ("tests/test_consolidation.py", "tests/test_llava_c.py",
@@ -532,6 +580,8 @@ MODULES = (
                     "-k", "sefe"), SEFE),
     Module("mr_lora", ("tests/test_method_effects_routed.py", "tests/test_mr_lora.py", "-m",
                        "not slow", "-k", "mr_lora"), MR_LORA),
+    Module("smolora", ("tests/test_smolora.py",), SMOLORA),
+    Module("keeplora", ("tests/test_keeplora.py",), KEEPLORA),
     Module("model_tailor", ("tests/test_method_effects_routed.py", "tests/test_model_tailor.py",
                             "-m", "not slow", "-k", "model_tailor"), TAILOR),
 )

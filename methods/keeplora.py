@@ -63,10 +63,10 @@ class KeepLoRAOptions:
     """Share of each task's gradient energy the grown subspace reaches (``train_post``
     configs: ``energy_threshold`` 0.99)."""
     gradient_ratio: float = 0.2
-    """Share of a task's training samples the mean gradients are taken on, evenly spaced
+    """Share of a task's training samples the gradients are taken on, evenly spaced
     (``train_all.sh``: ``extract_gradients.sh ... 0.2``)."""
     gradient_batch_size: int = 1
-    """Samples per gradient batch (release: 1, so the gradient is a mean of per-sample ones)."""
+    """Samples per gradient batch (release: 1, so the gradient sums per-sample ones)."""
 
     def __post_init__(self) -> None:
         problems = []

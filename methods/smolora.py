@@ -161,7 +161,7 @@ class SMoLoRALinear(ExpertLoRALinear):
 @register_method(
     "smolora",
     launchers=("single", "ddp", "zero2"),
-    paper="SMoLoRA: Wang et al., arXiv 2411.13949 (ICCV 2025); the instruction embedding per "
+    paper="SMoLoRA: Wang et al., arXiv 2411.13949; the instruction embedding per "
           "sample (the release picks it by task number)",
     trains="one separable MoE-LoRA (E experts of rank r/E: half routed by the layer input, half "
            "by the instruction's CLIP text feature, fused per token), trained on through all "

@@ -12,6 +12,7 @@ from cl_bench.method import parse_options
 from cl_bench.models.deltas import PEFT_PREFIX
 from methods.keeplora import (
     KeepLoRA,
+    KeepLoRAOptions,
     grown_subspace,
     lora_a_init,
     principal_subspace,
@@ -105,10 +106,18 @@ def test_a_stage_trains_b_on_a_frozen_a_orthogonal_to_the_protected_subspace(
     assert adapted.scaling["default"] == pytest.approx(0.25)  # alpha = rank / 4
     assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-4)
     assert (subspace @ a.T).abs().max() < 1e-4  # in the residual subspace
+    layer = adapted.get_base_layer()
+    assert torch.equal(subspace, principal_subspace(layer.weight, 0.6))  # release: 0.6
     ranks = {n: s.shape[0] for n, s in method.subspaces.items()}
     method.after_stage(model, first)
     assert all(method.subspaces[n].shape[0] >= k for n, k in ranks.items())
     assert any(method.subspaces[n].shape[0] > k for n, k in ranks.items())
+
+
+def test_the_defaults_are_the_releases_ucit_recipe() -> None:
+    o = KeepLoRAOptions()  # train_all.sh, train_post configs, Task*.sh
+    assert (o.weight_energy, o.feature_energy, o.gradient_ratio, o.gradient_batch_size) == (
+        0.6, 0.99, 0.2, 1)
 
 
 @pytest.mark.parametrize(("given", "message"), [
