@@ -514,8 +514,6 @@ SMOLORA = mutants(
     ("follow = top1(instructions @ self.if_router.T)",
      "follow = top1(instructions[:1].expand_as(instructions) @ self.if_router.T)",
      "every sample takes the first sample's instruction expert"),
-    ("return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)", "return x.mean(1)",
-     "the visual route averages padding too"),
     ("vu = top1(pooled @ self.vu_router.T)", "vu = torch.softmax(pooled @ self.vu_router.T, -1)",
      "soft visual routes, not top-1"),
     ("self.scaling * h[..., half:, :].flatten(-2) @ self.B[:, cut:].T",
@@ -524,6 +522,10 @@ SMOLORA = mutants(
     ("features = self.encoder.text_features([question for question, _ in prompts])",
      "features = self.encoder.text_features([question[:1] for question, _ in prompts])",
      "the instruction embedding reads one character of the question"),
+) + mutants(
+    "cl_bench/models/moe_lora.py",
+    ("return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)", "return x.mean(1)",
+     "the sequence mean counts padding too"),
 )
 
 KEEPLORA = mutants(

@@ -29,7 +29,14 @@ from PIL import Image
 from cl_bench.errors import CLBenchError
 from cl_bench.method import MethodContext, Stage
 from cl_bench.models.encoders import TEXT_FEATURES, Encoder, suite_encoder
-from cl_bench.models.moe_lora import ExpertLoRALinear, expert_layers, new_router
+from cl_bench.models.moe_lora import (
+    ExpertLoRALinear,
+    SampleInputs,
+    expert_layers,
+    keep_attention_mask,
+    new_router,
+    sequence_mean,
+)
 from cl_bench.models.updates import linear_float32
 from cl_bench.registry import register_method
 from methods.moelora import MoELoRA, MoELoRAOptions
@@ -72,18 +79,6 @@ def top1(scores: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
 
 
-def sequence_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Each sample's mean layer input over its sequence (B, in) (release: ``mean(x, dim=1)``),
-    over the attended positions only when the batch's mask covers them."""
-    if mask is None or x.shape[1] == 1:
-        return x.mean(1)
-    if mask.shape != x.shape[:2]:
-        raise CLBenchError(f"SMoLoRA: attention mask of shape {tuple(mask.shape)} for a layer "
-                           f"input of {tuple(x.shape[:2])} positions")
-    weights = mask.to(x.device, x.dtype).unsqueeze(-1)
-    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-
 def fuse(vu: torch.Tensor, follow: torch.Tensor, w_vu: torch.Tensor,
          w_if: torch.Tensor) -> torch.Tensor:
     """Per token ``a_vu * vu + a_if * if`` with ``(a_vu, a_if) = softmax(w_vu . vu, w_if . if)``
@@ -93,36 +88,9 @@ def fuse(vu: torch.Tensor, follow: torch.Tensor, w_vu: torch.Tensor,
     return alpha[..., :1] * vu + alpha[..., 1:] * follow
 
 
-class SampleInputs:
-    """What the routers read besides the layer input, shared by every layer of one model: each
-    sample's instruction embedding (B x D) and the batch's attention mask."""
-
-    def __init__(self) -> None:
-        self.instructions: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-
-    def instructions_for(self, rows: int) -> torch.Tensor:
-        """The embeddings for a layer input of ``rows`` rows (beams repeat each sample)."""
-        e = self.instructions
-        if e is None:
-            raise CLBenchError("SMoLoRA: no instruction embeddings set; training and generation "
-                               "must call the method's before_train_batch / before_generate")
-        if rows != e.shape[0]:
-            if rows % e.shape[0]:
-                raise CLBenchError(f"SMoLoRA: {rows} rows, instruction embeddings for "
-                                   f"{e.shape[0]}")
-            e = e.repeat_interleave(rows // e.shape[0], dim=0)
-        return e
-
-    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        m = self.mask
-        if m is None or m.shape[0] == x.shape[0]:
-            return m
-        return m.repeat_interleave(x.shape[0] // m.shape[0], dim=0)
-
-
 class SMoLoRALinear(ExpertLoRALinear):
-    """``base(x) + fuse(VU half routed by the input mean, IF half routed by the instruction)``.
+    """``base(x) + fuse(VU half routed by the input mean, IF half routed by the instruction)``;
+    ``inputs.features``: each sample's instruction embedding.
 
     The routers are fixed buffers (the release's one-hot routes carry no gradient to them);
     the experts' factors and the two fusion scores train."""
@@ -140,9 +108,9 @@ class SMoLoRALinear(ExpertLoRALinear):
 
     def routes(self, x: torch.Tensor) -> torch.Tensor:
         """Each sample's one-hot choice of a VU and an IF expert (B, E)."""
-        pooled = sequence_mean(x.float(), self.inputs.mask_for(x))
+        pooled = sequence_mean(x.float(), self.inputs.mask_for(x))  # release: mean(x, dim=1)
         vu = top1(pooled @ self.vu_router.T)  # release: top-1 of lora_vu_gate(mean_n x)
-        instructions = self.inputs.instructions_for(x.shape[0]).to(x.device, torch.float32)
+        instructions = self.inputs.features_for(x.shape[0]).to(x.device, torch.float32)
         follow = top1(instructions @ self.if_router.T)  # release: top-1 of lora_ins_gate(e)
         return torch.cat([vu, follow], dim=-1)
 
@@ -190,14 +158,9 @@ class SMoLoRA(MoELoRA):
 
     def watch_mask(self, model: torch.nn.Module) -> None:
         """Keep each forward's attention mask for the VU routers' sequence mean."""
-        if self.hooked is model:
-            return
-
-        def keep(module, args, kwargs) -> None:
-            self.inputs.mask = kwargs.get("attention_mask")
-
-        model.register_forward_pre_hook(keep, with_kwargs=True)
-        self.hooked = model
+        if self.hooked is not model:
+            keep_attention_mask(model, self.inputs)
+            self.hooked = model
 
     def before_stage(self, model: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         model = super().before_stage(model, stage)
@@ -213,7 +176,7 @@ class SMoLoRA(MoELoRA):
         """Each row's instruction embedding: the text feature of its own question."""
         features = self.encoder.text_features([question for question, _ in prompts])
         device = next(iter(expert_layers(model).values())).A.device
-        self.inputs.instructions = features.to(device, torch.float32)
+        self.inputs.features = features.to(device, torch.float32)
 
     def before_train_batch(self, model: torch.nn.Module, prompts: Sequence[Prompt]) -> None:
         self.set_instructions(model, prompts)

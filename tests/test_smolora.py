@@ -9,7 +9,8 @@ from method_stages import method_context, planned
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
-from methods.smolora import SampleInputs, SMoLoRA, SMoLoRALinear, fuse, sequence_mean, top1
+from cl_bench.models.moe_lora import SampleInputs, sequence_mean
+from methods.smolora import SMoLoRA, SMoLoRALinear, fuse, top1
 
 
 def test_the_fusion_weighs_each_half_by_a_softmax_over_its_own_score() -> None:
@@ -48,7 +49,7 @@ def hand_layer(inputs: SampleInputs) -> SMoLoRALinear:
 
 def test_each_sample_takes_its_own_visual_and_instruction_expert() -> None:
     inputs = SampleInputs()
-    inputs.instructions = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # IF experts 3 and 2
+    inputs.features = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # IF experts 3 and 2
     layer = hand_layer(inputs)
     x = torch.tensor([[[2.0, 1.0]], [[1.0, 3.0]]])  # VU experts 0 and 1
     # sample 1: A x = (2, 1, 3, 1); vu = B_0 2 = (2, 0), if = B_3 1 = (0, 3); scores 2, 3:
@@ -63,7 +64,7 @@ def test_each_sample_takes_its_own_visual_and_instruction_expert() -> None:
 
 def test_the_routers_stay_fixed_while_experts_and_fusion_scores_learn() -> None:
     inputs = SampleInputs()
-    inputs.instructions = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    inputs.features = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     layer = hand_layer(inputs)
     layer(torch.tensor([[[2.0, 1.0]], [[1.0, 3.0]]])).sum().backward()
     assert {n for n, p in layer.named_parameters() if p.grad is not None} >= {"A", "B", "w_vu",
@@ -74,11 +75,11 @@ def test_the_routers_stay_fixed_while_experts_and_fusion_scores_learn() -> None:
 def test_beams_repeat_each_samples_instruction_and_a_missing_one_is_an_error() -> None:
     inputs = SampleInputs()
     with pytest.raises(CLBenchError, match="before_train_batch"):
-        inputs.instructions_for(2)
-    inputs.instructions = torch.tensor([[1.0], [2.0]])
-    assert inputs.instructions_for(4).flatten().tolist() == [1.0, 1.0, 2.0, 2.0]
+        inputs.features_for(2)
+    inputs.features = torch.tensor([[1.0], [2.0]])
+    assert inputs.features_for(4).flatten().tolist() == [1.0, 1.0, 2.0, 2.0]
     with pytest.raises(CLBenchError, match="3 rows"):
-        inputs.instructions_for(3)
+        inputs.features_for(3)
 
 
 def test_the_defaults_are_the_releases(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
@@ -107,4 +108,4 @@ def test_the_routers_read_each_forwards_mask_and_each_questions_feature(
     eval_logits(method, model, samples)
     assert method.inputs.mask.shape[0] == 2 and method.inputs.mask.sum() > 0
     want = method.encoder.text_features([s.question for s in samples])
-    assert torch.equal(method.inputs.instructions, want)
+    assert torch.equal(method.inputs.features, want)
