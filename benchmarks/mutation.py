@@ -553,6 +553,41 @@ KEEPLORA = mutants(
      "the subspace never grows after a task"),
 )
 
+SAME = mutants(
+    "methods/same/layer.py",
+    ("return max(1, min(int((share <= energy).sum()) + 1, s.numel()))",
+     "return max(1, min(int((share <= energy).sum()), s.numel()))",
+     "one principal direction too few"),
+    ("scale = (scale / scale.max()).clamp(1.0 - ROUTER_SCALE, 1.0 + ROUTER_SCALE)",
+     "scale = scale / scale.max()", "the router's scaling is not clamped"),
+    ("return (along / (s[: uk.shape[1]] + mu)) @ uk.T + (grad - along @ uk.T) / mu",
+     "return (along / (s[: uk.shape[1]] + mu)) @ uk.T + (grad - along @ uk.T)",
+     "the expert gradient across the subspace is not scaled by 1 / mu"),
+    ("frozen[own] = False", "pass", "the task's own expert can freeze"),
+    ("probs = torch.softmax(logits / self.experts, dim=-1)",
+     "probs = torch.softmax(logits, dim=-1)", "inference logits not divided by E"),
+    ('mixed_b = torch.einsum("oer,be->bor", b, w)',
+     'mixed_b = torch.einsum("oer,be->bor", b, torch.ones_like(w))',
+     "the B factors are summed, not mixed by the routes"),
+    ("if not self.training or self.task == 0 or not bool(self.prev_valid):",
+     "if not self.training or not bool(self.prev_valid):",
+     "the curvature hook runs on the first task"),
+    ("self.utilization.mul_(EMA).add_((1 - EMA) * p.mean(0))",
+     "self.utilization.mul_(1 - EMA).add_(EMA * p.mean(0))", "the utilization EMA weights swapped"),
+    ("return masked / masked.sum(-1, keepdim=True)", "return masked",
+     "masked routes are not renormalised"),
+    ("kept = torch.zeros_like(p).scatter_(-1, top.indices, top.values)", "kept = p",
+     "inference keeps every expert, not the top two"),
+) + mutants(
+    "methods/same/method.py",
+    ("sims = torch.where(has_image.unsqueeze(1), both, text_sims)", "sims = both",
+     "samples without an image use a zero image similarity"),
+    ("prior[:, : sims.shape[1]] = torch.softmax(scale * sims, dim=-1)",
+     "prior[:, : sims.shape[1]] = torch.softmax(sims, dim=-1)", "the prior ignores its scale"),
+    ("prior_scale: float = 28.0", "prior_scale: float = 10.0", "default prior scale 10"),
+    ("tau: float = 0.1", "tau: float = 0.5", "default tau 0.5"),
+)
+
 MODULES = (
     Module("metrics", ("tests/test_metrics.py",), METRICS),
     Module("consolidation", ("tests/test_consolidation.py", "tests/test_llava_c.py",
@@ -584,6 +619,7 @@ MODULES = (
                        "not slow", "-k", "mr_lora"), MR_LORA),
     Module("smolora", ("tests/test_smolora.py",), SMOLORA),
     Module("keeplora", ("tests/test_keeplora.py",), KEEPLORA),
+    Module("same", ("tests/test_same.py",), SAME),
     Module("model_tailor", ("tests/test_method_effects_routed.py", "tests/test_model_tailor.py",
                             "-m", "not slow", "-k", "model_tailor"), TAILOR),
 )
