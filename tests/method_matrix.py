@@ -29,11 +29,14 @@ def cheap_options(name: str, clip: Path) -> dict:
         "disco": {"encoder": str(clip)},
         "ewc": {"fisher_batches": 2},
         "hide_llava": {"encoder": str(clip)},
+        "keeplora": {"rank": 2},
         "llava_c": {"uir": "none"},
         "modalprompt": {"encoder": str(clip), "prompt_length": 2},
         "model_tailor": {"calibration_samples": 2, "calibration_batch": 2},
         "mr_lora": {"router_samples": 1, "router_epochs": 1.0},
+        "same": {"encoder": str(clip), "rank": 4, "components": 4},
         "sefe": {"asd": False},
+        "smolora": {"encoder": str(clip), "rank": 8},
     }.get(name, {})
 
 

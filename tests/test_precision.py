@@ -106,6 +106,7 @@ def test_small_updates_shift_bfloat16_outputs_beside_the_weight_not_merged(tiny_
     ("llava_c", {"uir": "none", "consolidation": "modelmix", "alpha": 0.2}, lambda u: 0.2 * u),
     ("llava_c", {"uir": "none", "consolidation": "none"}, lambda u: u),
     ("sefe", {"asd": False}, lambda u: u),
+    ("keeplora", {}, lambda u: u),
 ])
 def test_a_small_update_survives_a_stage_and_its_checkpoint_in_bfloat16(
     tiny_llava, ucit_root, tmp_path, name, options, mix

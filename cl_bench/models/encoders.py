@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 
 from cl_bench.errors import CLBenchError
-from cl_bench.models.llava import ModelBundle
+from cl_bench.models.llava import ModelBundle, load_image
 from cl_bench.models.placement import compute_dtype, device_of
 
 if TYPE_CHECKING:
     from cl_bench.method import MethodContext
+    from tasks.loaders import Sample
 
 TEXT_FEATURES = ("pooled", "projected")
 LLAVA_ENCODER = "llava"
@@ -135,6 +136,33 @@ class LlavaEncoder:
 
 
 Encoder = ClipEncoder | LlavaEncoder
+
+
+@dataclass
+class MeanFeatures:
+    """Mean question and image features of some samples (routing anchors)."""
+
+    text: torch.Tensor
+    image: torch.Tensor | None  # None: no sample had an image
+    images: int
+
+
+def mean_features(encoder: Encoder, samples: list[Sample], batch: int) -> MeanFeatures:
+    """The mean text feature of the samples' questions and the mean image feature of those
+    with an image, float32 on the CPU, encoded ``batch`` samples at a time."""
+    text_sum = image_sum = None
+    images = 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        text = encoder.text_features([s.question for s in chunk]).sum(0)
+        text_sum = text if text_sum is None else text_sum + text
+        pictures = [load_image(s.image) for s in chunk if s.image is not None]
+        if pictures:
+            feats = encoder.image_features(pictures).sum(0)
+            image_sum = feats if image_sum is None else image_sum + feats
+            images += len(pictures)
+    return MeanFeatures(text_sum.cpu() / len(samples),
+                        image_sum.cpu() / images if images else None, images)
 
 
 def load_encoder(spec: str, bundle: ModelBundle, text_feature: str = "pooled") -> Encoder:

@@ -91,6 +91,57 @@ class MoELoRALinear(ExpertLoRALinear):
         return out.to(self.base.weight.dtype)
 
 
+class SampleInputs:
+    """What expert routers read besides the layer input, shared by every expert layer of one
+    model: a per-sample tensor (B x D, e.g. an instruction embedding or a routing prior, set
+    before each batch by the method's hooks) and the batch's attention mask (kept by
+    ``keep_attention_mask``)."""
+
+    def __init__(self) -> None:
+        self.features: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+
+    def features_for(self, rows: int) -> torch.Tensor:
+        """The per-sample tensor for a layer input of ``rows`` rows (beams repeat a sample)."""
+        f = self.features
+        if f is None:
+            raise CLBenchError("the experts' per-sample inputs are not set: training and "
+                               "generation must call the method's before_train_batch / "
+                               "before_generate")
+        if rows != f.shape[0]:
+            if rows % f.shape[0]:
+                raise CLBenchError(f"{rows} rows, per-sample expert inputs for {f.shape[0]}")
+            f = f.repeat_interleave(rows // f.shape[0], dim=0)
+        return f
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.mask
+        if m is None or m.shape[0] == x.shape[0]:
+            return m
+        return m.repeat_interleave(x.shape[0] // m.shape[0], dim=0)
+
+
+def keep_attention_mask(model: torch.nn.Module, inputs: SampleInputs) -> None:
+    """Keep each forward's ``attention_mask`` in ``inputs`` (a pre-hook on ``model``)."""
+
+    def keep(module, args, kwargs) -> None:
+        inputs.mask = kwargs.get("attention_mask")
+
+    model.register_forward_pre_hook(keep, with_kwargs=True)
+
+
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's mean over its sequence (B, ...) of x (B, n, ...), over the attended
+    positions when the batch's mask covers them; a decoding step (n = 1) is its own mean."""
+    if mask is None or x.shape[1] == 1:
+        return x.mean(1)
+    if mask.shape != x.shape[:2]:
+        raise CLBenchError(f"attention mask of shape {tuple(mask.shape)} for a layer input of "
+                           f"{tuple(x.shape[:2])} positions")
+    weights = mask.to(x.device, x.dtype).view(*mask.shape, *([1] * (x.ndim - 2)))
+    return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 def wrap_linears(
     model: torch.nn.Module, targets: list[str],
     make: Callable[[str, torch.nn.Linear], ExpertLoRALinear],

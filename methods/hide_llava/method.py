@@ -23,8 +23,7 @@ from PIL import Image
 from cl_bench.evaluation.routing_counts import RoutingCounts
 from cl_bench.method import Method, MethodContext, Stage
 from cl_bench.models.deltas import stage_delta
-from cl_bench.models.encoders import Encoder, suite_encoder
-from cl_bench.models.llava import load_image
+from cl_bench.models.encoders import Encoder, mean_features, suite_encoder
 from cl_bench.models.lora import add_lora
 from cl_bench.models.placement import device_of
 from cl_bench.models.routed_lora import Routing, anchor_similarity
@@ -104,21 +103,10 @@ class HiDeLLaVA(Method):
         limit = self.options.anchor_samples
         if limit is not None and len(samples) > limit:
             samples = random.Random(seed).sample(samples, limit)
-        image_sum = text_sum = None
-        n_images = 0
-        step = self.options.encoder_batch
-        for start in range(0, len(samples), step):
-            chunk = samples[start : start + step]
-            text = self.encoder.text_features([s.question for s in chunk]).sum(0)
-            text_sum = text if text_sum is None else text_sum + text
-            images = [load_image(s.image) for s in chunk if s.image is not None]
-            if images:
-                feats = self.encoder.image_features(images).sum(0)
-                image_sum = feats if image_sum is None else image_sum + feats
-                n_images += len(images)
-        expert.text_anchor = text_sum.cpu() / len(samples)  # HiDe-LLaVA eq. 2, m_ins
-        expert.image_anchor = image_sum.cpu() / n_images if n_images else None  # eq. 2, m_v
-        expert.anchor_samples, expert.image_samples = len(samples), n_images
+        means = mean_features(self.encoder, samples, self.options.encoder_batch)
+        expert.text_anchor = means.text  # HiDe-LLaVA eq. 2, m_ins
+        expert.image_anchor = means.image  # HiDe-LLaVA eq. 2, m_v
+        expert.anchor_samples, expert.image_samples = len(samples), means.images
         expert.encoder = self.encoder.description
 
     # -- evaluation --------------------------------------------------------------------------
