@@ -60,6 +60,16 @@ def test_salience_is_the_change_from_the_weight_before() -> None:
     assert tailored.tolist() == [[1.0, 3.0, 1.0], [1.0, 0.0, 4.0]]
 
 
+def test_sensitivity_divides_by_the_squared_diagonal_of_u() -> None:
+    # H = diag(36, 1, 1/4): U = H^-1/2 = diag(1/6, 1, 2); salience weight 0: importance =
+    # z(W^2 / U_jj^2) = z((36, 4, 2.25)), lowest at column 2 (W^2 / U_jj = (6, 4, 4.5) would be
+    # lowest at column 1); sparsity 0 reverts exactly the lowest entry
+    hessian = torch.diag(torch.tensor([36.0, 1.0, 0.25]))
+    tailored = tailor_weight(torch.tensor([[1.0, 2.0, 3.0]]), torch.zeros(1, 3), hessian, 0.0,
+                             salience_weight=0.0, damp=0.0, compensation="none")
+    assert tailored.tolist() == [[1.0, 2.0, 0.0]]
+
+
 def test_damping_is_a_share_of_the_mean_diagonal() -> None:
     # diag (2, 4, 0): the dead input gets 1, mean 7/3; + 0.5 * 7/3 on the diagonal; U = H^-1/2
     U_ = inverse_hessian_factor(torch.diag(torch.tensor([2.0, 4.0, 0.0])), damp=0.5)
