@@ -77,9 +77,12 @@ def test_hook_sees_each_batch_rows_with_their_images(bundle, ucit_root: Path) ->
     assert sorted(seen) == sorted((q, img is not None) for q, img in prompts)
 
 
-def test_rows_stop_at_eos_and_the_batch_when_all_have(bundle) -> None:
+def test_rows_stop_at_eos_and_the_batch_when_all_have(bundle, monkeypatch) -> None:
     """EOS is forced into row r's logits at step ``stop[r]``: each answer is the one of
-    ``stop[r]`` new tokens, and the decoder runs only as many steps as the last row needs."""
+    ``stop[r]`` new tokens, and the decoder runs only as many steps as the last row needs.
+    The model folder's generation_config names no EOS: the tokenizer's is used all the same
+    (``generate`` fills a None in the config it is given from the model's)."""
+    monkeypatch.setattr(bundle.model.generation_config, "eos_token_id", None)
     prompts = [("red?", None), ("What colour is it?", None), ("What colour is the square?", None)]
     ids = [encode_prompt(bundle, q, False) for q, _ in prompts]
     in_batch = length_batches([len(i) for i in ids], 3)[0]  # prompt index of each batch row
