@@ -9,7 +9,7 @@ import functools
 from pathlib import Path
 
 import torch
-from method_helpers import trained_like
+from method_kit import trained_like
 
 from cl_bench.config import ModelConfig, RunConfig
 from cl_bench.method import Method, MethodContext

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CLIP
-from method_helpers import RANK, make_context, stage, trained_like
+from method_kit import RANK, make_context, stage, trained_like
 from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
 from cl_bench.cli import main

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from method_helpers import make_context, run_and_resume, stage, trained_like
+from method_kit import make_context, run_and_resume, stage, trained_like
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -160,8 +160,8 @@ def test_a_tailored_stage_keeps_a_patch_of_each_update(
 def test_end_to_end_run_and_resume(tiny_llava, ucit_root, tmp_path, monkeypatch) -> None:
     from reports.run_folder import read_records
 
-    out = run_and_resume("model_tailor", ucit_root, tiny_llava, tmp_path, monkeypatch,
-                         "method.calibration_samples=4")
+    out, _ = run_and_resume("model_tailor", ucit_root, tiny_llava, tmp_path, monkeypatch,
+                            "method.calibration_samples=4")
     assert 0 < read_records(out)[-1]["method"]["patch_share"] <= 0.1
 
 
