@@ -107,6 +107,31 @@ def test_rows_stop_at_eos_and_the_batch_when_all_have(bundle, monkeypatch) -> No
     assert len(set(cut)) == 3
 
 
+def test_answers_are_the_new_tokens_decoded_and_stripped(bundle) -> None:
+    """The decoder is made to say row r's words, then EOS: each answer is exactly those words
+    (no prompt token, no EOS or padding, no leading space or newline), in input order."""
+    prompts = [("red?", None), ("What colour is it?", None), ("What colour is the square?", None)]
+    words = [" blue", " red green", "\ngreen"]
+    tok = bundle.tokenizer
+    said = [tok(w, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for w in words]
+    ids = [encode_prompt(bundle, q, False) for q, _ in prompts]
+    in_batch = length_batches([len(i) for i in ids], 3)[0]  # prompt index of each batch row
+    steps: list[int] = []
+
+    def say(_module, _inputs, logits: torch.Tensor) -> torch.Tensor:
+        for row, prompt in enumerate(in_batch):
+            logits[row, -1, said[prompt][min(len(steps), len(said[prompt]) - 1)]] = 1e4
+        steps.append(len(steps))
+        return logits
+
+    handle = bundle.model.lm_head.register_forward_hook(say)
+    try:
+        answers = generate_texts(bundle.model, bundle, prompts, 3, 8)
+    finally:
+        handle.remove()
+    assert answers == ["blue", "red green", "green"]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_sharded_evaluation_equals_one_process(bundle, tiny_llava: Path, ucit_root: Path,
                                                tmp_path: Path) -> None:
