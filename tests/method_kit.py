@@ -57,11 +57,15 @@ def make_context(method: str, tiny_llava: Path, ucit_root: Path, run_dir: Path,
     return MethodContext(cfg, get_suite("ucit"), ucit_root, load_llava(tiny_llava), run_dir)
 
 
+def model_settings(dtype: str, device: str = "cpu") -> ModelConfig:
+    """The tiny LLaVA's model settings with its weights in ``dtype`` (bf16, fp16, fp32)."""
+    return ModelConfig(device=device, dtype=dtype, attn_implementation="sdpa",
+                       conversation="llava_hf", image_aspect_ratio="crop")
+
+
 def load_tiny(tiny_llava: Path, dtype: str, device: str = "cpu"):
-    """The tiny LLaVA's bundle with its weights in ``dtype`` (bf16, fp16, fp32) on ``device``."""
-    return load_llava(tiny_llava, ModelConfig(device=device, dtype=dtype,
-                                              attn_implementation="sdpa",
-                                              conversation="llava_hf", image_aspect_ratio="crop"))
+    """The tiny LLaVA's bundle with its weights in ``dtype`` on ``device``."""
+    return load_llava(tiny_llava, model_settings(dtype, device))
 
 
 def stage(index: int, tasks: str) -> Stage:

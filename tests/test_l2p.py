@@ -9,12 +9,12 @@ import torch
 from method_kit import (
     answers_in_batches,
     make_context,
+    model_settings,
     quick_argv,
     run_and_resume,
     stage,
     train_stage,
 )
-from method_matrix import model_settings
 from PIL import Image
 from safetensors import safe_open
 
