@@ -30,7 +30,7 @@ from methods.hide_llava.assembly import assemble, expert_model, layer_modes
 from methods.hide_llava.experts import TaskExpert, load_experts, set_projector
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
-from methods.hide_llava.options import HiDeOptions
+from methods.hide_llava.options import HiDeOptions, check_options
 from methods.hide_llava.routing import routing_weights
 from reports.run_folder import read_records
 from tasks.loaders import load_samples
@@ -237,6 +237,20 @@ def test_options_are_checked(tiny_llava, ucit_root, tmp_path) -> None:
     with pytest.raises(CLBenchError, match="does not exist"):
         HiDeLLaVA(HiDeOptions(encoder=str(tmp_path / "nothing")), ctx)
     assert HiDeLLaVA(HiDeOptions(layout="merge_all"), ctx).encoder is None  # no routing
+
+
+def test_every_bad_option_is_named_in_one_error() -> None:
+    bad = HiDeOptions(fusion="mean", text_feature="last", temperature=0.0, image_weight=0.0,
+                      text_weight=0.0, top_layers=0, rank=0)
+    with pytest.raises(CLBenchError) as err:
+        check_options(bad)
+    for named in ("method.fusion='mean'", "method.text_feature='last'", "method.temperature=0.0",
+                  "method.image_weight and method.text_weight", "method.top_layers=0",
+                  "method.rank=0"):
+        assert named in str(err.value)
+    check_options(HiDeOptions(image_weight=0.0))  # text alone routes
+    with pytest.raises(CLBenchError, match="image_weight"):
+        check_options(HiDeOptions(image_weight=-0.5))
 
 
 def test_ablations_are_registered_methods() -> None:
