@@ -250,7 +250,7 @@ def test_every_bad_option_is_named_in_one_error() -> None:
         assert named in str(err.value)
     check_options(HiDeOptions(image_weight=0.0))  # text alone routes
     with pytest.raises(CLBenchError, match="image_weight"):
-        check_options(HiDeOptions(image_weight=-0.5))
+        check_options(HiDeOptions(image_weight=-0.2))
 
 
 def test_ablations_are_registered_methods() -> None:
