@@ -1,7 +1,7 @@
 """Mutation testing: plant one known bug at a time in a scratch copy of the repository, run the
 tests that should catch it, and print the share of bugs caught (killed) per module.
 
-Not part of CI: a full pass runs every module's tests once per bug (about an hour on 2 cores).
+Not part of CI: a full pass runs every module's tests once per bug (hours on 2 shared cores).
 Run it before closing an issue that touches metrics, consolidation, a method's core term or
 defaults, scoring, generation, resume or the alpha sweep; a new bug class worth fearing is one
 more ``Mutant`` line below.
@@ -12,8 +12,11 @@ more ``Mutant`` line below.
     python benchmarks/mutation.py --json out.json    # also write the results
 
 Each mutant replaces one exact piece of text (it must occur exactly once in its file) and must
-still parse; the copy is taken from the working tree (tracked and untracked files, not ignored
-ones), so uncommitted changes are tested too. A module's tests must pass on the unmutated copy.
+still parse; one that no longer fits the code (the code was rewritten) is reported STALE with
+the reason, left out of the kill rates, and makes the script (and ``--list``) exit non-zero,
+while the other mutants still run. The copy is taken from the working tree (tracked and
+untracked files, not ignored ones), so uncommitted changes are tested too. A module's tests must
+pass on the unmutated copy.
 """
 
 from __future__ import annotations
@@ -665,7 +668,7 @@ def report(results: list[Result]) -> str:
         lines += ["", "survivors:"] + [f"  {r.module}: {r.path}: {r.bug}" for r in survivors]
     lost = [r for r in results if r.note == "STALE"]
     if lost:
-        lines += ["", "STALE (text not found: fix these mutants):"]
+        lines += ["", "STALE (no longer fit the code: fix these mutants):"]
         lines += [f"  {r.module}: {r.path}: {r.bug}" for r in lost]
     return "\n".join(lines)
 
