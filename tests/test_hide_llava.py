@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -268,6 +269,25 @@ def test_ablations_are_registered_methods() -> None:
 
 
 # -- the method through its hooks -----------------------------------------------------------------
+def test_anchors_average_a_seeded_subset_of_anchor_samples(tiny_llava, ucit_root, tiny_clip,
+                                                           tmp_path) -> None:
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
+    options = HiDeOptions(encoder=str(tiny_clip), anchor_samples=3, encoder_batch=2)
+    method = HiDeLLaVA(options, ctx)
+    samples = ctx.train_samples(stage(1, "ImageNet-R").tasks[0])
+    assert len(samples) == 8
+    expert = TaskExpert("ImageNet-R", 1, {})
+    method._add_anchors(expert, samples, seed=1)
+    chosen = random.Random(1).sample(samples, 3)
+    assert expert.anchor_samples == expert.image_samples == 3
+    images = method.encoder.image_features([load_image(s.image) for s in chosen])
+    texts = method.encoder.text_features([s.question for s in chosen])
+    assert torch.allclose(expert.image_anchor, images.mean(0).cpu(), atol=1e-5)
+    assert torch.allclose(expert.text_anchor, texts.mean(0).cpu(), atol=1e-5)
+    every = method.encoder.image_features([load_image(s.image) for s in samples]).mean(0)
+    assert not torch.allclose(expert.image_anchor, every.cpu(), atol=1e-3)  # a subset, not all
+
+
 def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
     ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     method = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)
