@@ -183,7 +183,7 @@ def test_hook_keeps_each_gradients_dtype_on_a_bf16_model(tiny_llava, ucit_root, 
 @pytest.mark.slow
 def test_quick_run_resumes_with_its_memories(ucit_root, tiny_llava, tmp_path, monkeypatch) -> None:
     whole, _ = run_and_resume("gem", ucit_root, tiny_llava, tmp_path, monkeypatch,
-                                     "method.memory_per_task=3")
+                              "method.memory_per_task=3")
     record = [line for line in (whole / "records.jsonl").read_text().splitlines()][-1]
     assert '"steps": 3' in record  # every stage-2 step computed the memory gradient
 
