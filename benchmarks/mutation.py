@@ -1,7 +1,7 @@
 """Mutation testing: plant one known bug at a time in a scratch copy of the repository, run the
 tests that should catch it, and print the share of bugs caught (killed) per module.
 
-Not part of CI: a full pass runs every module's tests once per bug (about an hour on 2 cores).
+Not part of CI: a full pass runs every module's tests once per bug (hours on 2 shared cores).
 Run it before closing an issue that touches metrics, consolidation, a method's core term or
 defaults, scoring, generation, resume or the alpha sweep; a new bug class worth fearing is one
 more ``Mutant`` line below.
@@ -12,8 +12,11 @@ more ``Mutant`` line below.
     python benchmarks/mutation.py --json out.json    # also write the results
 
 Each mutant replaces one exact piece of text (it must occur exactly once in its file) and must
-still parse; the copy is taken from the working tree (tracked and untracked files, not ignored
-ones), so uncommitted changes are tested too. A module's tests must pass on the unmutated copy.
+still parse; one that no longer fits the code (the code was rewritten) is reported STALE with
+the reason, left out of the kill rates, and makes the script (and ``--list``) exit non-zero,
+while the other mutants still run. The copy is taken from the working tree (tracked and
+untracked files, not ignored ones), so uncommitted changes are tested too. A module's tests must
+pass on the unmutated copy.
 """
 
 from __future__ import annotations
@@ -288,23 +291,39 @@ SCORING = mutants(
 
 GENERATION = mutants(
     "cl_bench/evaluation/generation.py",
-    ("collate_batch(items, bundle, left_pad=True)",
-     "collate_batch(items, bundle, left_pad=False)", "generation batches are right padded"),
+    ("mask = torch.arange(width).unsqueeze(0) >= (width - lengths).unsqueeze(1)",
+     "mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)",
+     "generation batches are right padded"),
+    ('batch = {"input_ids": input_ids, "attention_mask": mask.long()}',
+     'batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}',
+     "padding is attended to"),
+    ("images = [self._image(row) for row in rows]",
+     "images = [self._image(row) for row in rows[::-1]]",
+     "a batch's images go to other rows"),
     ("eos_token_id=tok.eos_token_id,", "eos_token_id=None,", "generation does not stop at EOS"),
-    ('new_tokens = out[:, batch["input_ids"].shape[1] :]',
-     'new_tokens = out[:, batch["input_ids"].shape[1] - 1 :]',
+    ('tokens.append(out[:, batch["input_ids"].shape[1] :].cpu())',
+     'tokens.append(out[:, batch["input_ids"].shape[1] - 1 :].cpu())',
      "the answer includes the prompt's last token"),
     ("skip_special_tokens=True", "skip_special_tokens=False", "answers keep EOS and padding"),
     ("do_sample=False", "do_sample=True", "generation samples instead of greedy decoding"),
-    ("texts += [text.strip() for text in decoded]", "texts += decoded",
+    ("texts = [text.strip() for text in decoded]", "texts = decoded",
      "answers keep their leading space"),
     ("max_new_tokens=max_new_tokens,", "max_new_tokens=2,", "answers are cut at 2 tokens"),
-    ("chunk = prompts[start : start + batch_size]",
-     "chunk = prompts[start : start + batch_size][::-1]",
-     "a batch's answers come back in reverse order"),
+    ("        rows += batch_rows\n", "        rows += sorted(batch_rows)\n",
+     "the input order is not restored within a length-sorted batch"),
+    ("key=lambda i: (-lengths[i], i))", "key=lambda i: (lengths[i], i))",
+     "batches are sorted shortest first (an out-of-memory batch fails last)"),
+    ("for start in range(0, len(order), batch_size)]",
+     "for start in range(0, len(order) - 1, batch_size)]",
+     "the last row is dropped when it starts a batch of its own"),
+    ("(prompts[row][0], image)", "(prompts[0][0], image)",
+     "the method hook sees the first prompt's question for every row"),
 ) + mutants(
-    "cl_bench/models/batching.py",
-    ("mask[row, span] = 1", "mask[row, :] = 1", "padding is attended to"),
+    "cl_bench/evaluation/sharding.py",
+    ("return list(batches[rank::size])", "return list(batches[rank * size :: size])",
+     "the ranks are dealt batches that overlap"),
+    ("    if across_ranks and world()[1] > 1:\n", "    if False:\n",
+     "each rank keeps only its own rows (no gather)"),
 )
 
 RESUME = mutants(
@@ -397,16 +416,19 @@ PROMPTS = mutants(
 MOELORA = mutants(
     "methods/moelora.py",
     ("RANK_PER_EXPERT = 3", "RANK_PER_EXPERT = 2", "default rank 2 per expert, not 3"),
-    ("scaling = (self.options.alpha or 2 * self.rank) / self.rank",
-     "scaling = (self.options.alpha or self.rank) / self.rank", "default alpha r, not 2 r"),
-    ("return torch.softmax(x.float() @ self.router.T, dim=-1)",
-     "return torch.softmax(x.float() @ self.router.T, dim=0)", "the gates normalise over tokens"),
-    ("h = (h.unflatten(-1, (self.experts, -1)) * self.gates(x).unsqueeze(-1)).flatten(-2)",
-     "h = h / self.experts", "the experts are averaged, not routed"),
+    ("return (self.options.alpha or 2 * self.rank) / self.rank",
+     "return (self.options.alpha or self.rank) / self.rank", "default alpha r, not 2 r"),
     ("self.experts = self.options.experts or len(stages)",
      "self.experts = self.options.experts or 2", "default E = 2, not one per stage"),
-    ("        if not moe_layers(model):\n            self._wrap(model)",
-     "        self._wrap(model)", "every stage wraps fresh experts (nothing trained on)"),
+    ("        if not expert_layers(model):\n            wrap_linears(",
+     "        if True:\n            wrap_linears(",
+     "every stage wraps fresh experts (nothing trained on)"),
+) + mutants(
+    "cl_bench/models/moe_lora.py",
+    ("return torch.softmax(x.float() @ self.router.T, dim=-1)",
+     "return torch.softmax(x.float() @ self.router.T, dim=0)", "the gates normalise over tokens"),
+    ("h = self.expert_inputs(x) * self.gates(x).unsqueeze(-1)",
+     "h = self.expert_inputs(x) / self.experts", "the experts are averaged, not routed"),
 )
 
 DISCO = mutants(
@@ -483,8 +505,8 @@ TAILOR = mutants(
      "default compensation sign OBS's"),
     ("revert_projector: bool = True", "revert_projector: bool = False",
      "the projector keeps its fine-tuned value"),
-    ("tuned = before.float() + module.scaling[adapter] * (B.float() @ A.float())",
-     "tuned = before.float() + (B.float() @ A.float())", "the LoRA scaling is dropped"),
+    ("tuned = before + module.scaling[adapter] * (B.detach().float() @ A.detach().float())",
+     "tuned = before + (B.detach().float() @ A.detach().float())", "the LoRA scaling is dropped"),
 ) + mutants(
     "methods/model_tailor/tailoring.py",
     ("salience = (W - W_pre).abs()", "salience = W.abs()",
@@ -594,7 +616,8 @@ MODULES = (
                              "not stores and (consolidat or sac or lora_factors)"), CONSOLIDATION),
     Module("llava_c", ("tests/test_llava_c.py", "tests/test_method_effects.py", "-k",
                        "llava_c or uir or consolidat or forward_kl"), LLAVA_C),
-    Module("hide_llava", ("tests/test_hide_llava.py", "tests/test_method_effects.py", "-k",
+    Module("hide_llava", ("tests/test_hide_llava.py", "tests/test_method_effects.py",
+                          "tests/test_routed_lora.py", "-k",
                           "hide or rout or fus or assembl or layout or ablation"), HIDE),
     Module("baselines", ("tests/test_baselines.py",), BASELINES),
     Module("bounds", ("tests/test_method_effects.py", "tests/test_every_method.py", "-k",
@@ -665,18 +688,22 @@ def run_tests(scratch: Path, tests: tuple[str, ...], timeout: int) -> tuple[int,
     return code, time.time() - started
 
 
-def apply(scratch: Path, mutant: Mutant) -> str:
-    """Plant the bug; returns the original text of the file."""
-    file = scratch / mutant.path
+def stale(root: Path, mutant: Mutant) -> str:
+    """Why ``mutant`` no longer fits the code under ``root`` ("" when it does): its text must
+    occur exactly once and the mutated file must parse."""
+    file = root / mutant.path
+    if not file.is_file():
+        return f"{mutant.path} does not exist"
     original = file.read_text()
     count = original.count(mutant.find)
     if count != 1:
-        raise SystemExit(f"{mutant.path}: {mutant.find!r} occurs {count} times (bug: {mutant.bug})")
-    mutated = original.replace(mutant.find, mutant.replace)
+        return f"{mutant.find!r} occurs {count} times in {mutant.path}, not once"
     if file.suffix == ".py":
-        ast.parse(mutated, filename=mutant.path)
-    file.write_text(mutated)
-    return original
+        try:
+            ast.parse(original.replace(mutant.find, mutant.replace), filename=mutant.path)
+        except SyntaxError as err:
+            return f"the mutated {mutant.path} does not parse ({err.msg}, line {err.lineno})"
+    return ""
 
 
 def run_module(scratch: Path, module: Module, timeout: int) -> list[Result]:
@@ -688,11 +715,18 @@ def run_module(scratch: Path, module: Module, timeout: int) -> list[Result]:
         return []
     results = []
     for mutant in module.mutants:
-        original = apply(scratch, mutant)
+        why = stale(scratch, mutant)
+        if why:
+            results.append(Result(module.name, mutant.path, mutant.bug, False, 0.0, "STALE"))
+            print(f"  STALE    {mutant.path}: {mutant.bug}: {why}", flush=True)
+            continue
+        file = scratch / mutant.path
+        original = file.read_text()
+        file.write_text(original.replace(mutant.find, mutant.replace))
         try:
             code, seconds = run_tests(scratch, module.tests, timeout)
         finally:
-            (scratch / mutant.path).write_text(original)
+            file.write_text(original)
         note = "timeout" if code == 124 else ""
         results.append(Result(module.name, mutant.path, mutant.bug, code != 0, seconds, note))
         status = "killed " if code != 0 else "SURVIVED"
@@ -701,33 +735,28 @@ def run_module(scratch: Path, module: Module, timeout: int) -> list[Result]:
     return results
 
 
-def check_all() -> None:
-    """Every mutant's text occurs exactly once and the mutated file parses (no tests run)."""
-    for module in MODULES:
-        for mutant in module.mutants:
-            file = ROOT / mutant.path
-            count = file.read_text().count(mutant.find)
-            if count != 1:
-                raise SystemExit(f"{mutant.path}: {mutant.find!r} occurs {count} times")
-            if file.suffix == ".py":
-                ast.parse(file.read_text().replace(mutant.find, mutant.replace))
-
-
 def report(results: list[Result]) -> str:
+    """Kill rates per module over the mutants that fit the code; survivors and stale ones."""
     def rate(name: str, rows: list[Result]) -> str:
         killed = sum(r.killed for r in rows)
-        return f"{name:<15} {killed:>6} {len(rows):>6}  {100 * killed / len(rows):7.1f} %"
+        share = f"{100 * killed / len(rows):7.1f} %" if rows else "      -"
+        return f"{name:<15} {killed:>6} {len(rows):>6}  {share}"
 
+    planted = [r for r in results if r.note != "STALE"]
     lines = ["", "module          killed  total  kill rate"]
     for module in MODULES:
-        mine = [r for r in results if r.module == module.name]
+        mine = [r for r in planted if r.module == module.name]
         if mine:
             lines.append(rate(module.name, mine))
-    if results:
-        lines.append(rate("all", results))
-    survivors = [r for r in results if not r.killed]
+    if planted:
+        lines.append(rate("all", planted))
+    survivors = [r for r in planted if not r.killed]
     if survivors:
         lines += ["", "survivors:"] + [f"  {r.module}: {r.path}: {r.bug}" for r in survivors]
+    lost = [r for r in results if r.note == "STALE"]
+    if lost:
+        lines += ["", "STALE (no longer fit the code: fix these mutants):"]
+        lines += [f"  {r.module}: {r.path}: {r.bug}" for r in lost]
     return "\n".join(lines)
 
 
@@ -735,17 +764,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", action="append", choices=[m.name for m in MODULES],
                         help="only these modules (repeatable; default all)")
-    parser.add_argument("--list", action="store_true", help="print the planted bugs and stop")
+    parser.add_argument("--list", action="store_true",
+                        help="print the planted bugs (and the stale ones) and stop")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per test run")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
-    check_all()
     chosen = [m for m in MODULES if not args.module or m.name in args.module]
     if args.list:
+        n_stale = 0
         for module in chosen:
             print(f"{module.name} ({len(module.mutants)} bugs): pytest {' '.join(module.tests)}")
             for mutant in module.mutants:
-                print(f"  {mutant.path}: {mutant.bug}")
+                why = stale(ROOT, mutant)
+                n_stale += bool(why)
+                print(f"  {mutant.path}: {mutant.bug}" + (f"\n    STALE: {why}" if why else ""))
+        if n_stale:
+            raise SystemExit(f"{n_stale} mutants no longer fit the code (STALE above)")
         return
     scratch = scratch_copy()
     results: list[Result] = []
@@ -757,6 +791,8 @@ def main() -> None:
         print(report(results))
         if args.json:
             args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    if any(r.note == "STALE" for r in results):
+        raise SystemExit("some mutants no longer fit the code (STALE above)")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import functools
 from pathlib import Path
 
 import torch
-from method_helpers import trained_like
+from method_kit import model_settings, trained_like
 
-from cl_bench.config import ModelConfig, RunConfig
+from cl_bench.config import RunConfig
 from cl_bench.method import Method, MethodContext
 from cl_bench.models.batching import collate_batch, prompt_item
 from cl_bench.models.llava import load_llava
@@ -43,11 +43,6 @@ def cheap_options(name: str, clip: Path) -> dict:
 def registered_methods() -> list[str]:
     """Every method registered with ``@register_method`` (variants are option values)."""
     return sorted(name for name, entry in index_methods().items() if entry.base is None)
-
-
-def model_settings(dtype: str, device: str = "cpu") -> ModelConfig:
-    return ModelConfig(device=device, dtype=dtype, attn_implementation="sdpa",
-                       conversation="llava_hf", image_aspect_ratio="crop")
 
 
 def build_method(name: str, tiny_llava: Path, ucit_root: Path, clip: Path, run_dir: Path,

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from method_kit import batch_of, lora_state, make_method, stage, train
+from safetensors.torch import save_file
 
 from cl_bench.errors import CLBenchError
 from cl_bench.models.batching import training_batches
@@ -333,6 +334,27 @@ def test_terms_follow_the_model_device_and_dtype(
             assert method.anchor[n].dtype == params[n].dtype
         for n, t in getattr(method, "teacher", {}).items():
             assert t.dtype == params[n].dtype and t.device == params[n].device
+
+
+def test_ewc_refuses_a_state_that_does_not_fit_the_model(
+    tiny_llava: Path, ucit_root: Path, tmp_path: Path
+) -> None:
+    method = make_method("ewc", tiny_llava, ucit_root, tmp_path, fisher_batches=1)
+    at = stage(1, "R")
+    model = method.after_stage(method.before_stage(method.context.bundle.model, at), at)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    method.save(model, folder)
+    state = folder / "ewc.safetensors"
+    save_file({"fisher::no.such.weight": torch.ones(1)}, str(state))
+    with pytest.raises(CLBenchError, match=f"{state}: 'no.such.weight' is no parameter"):
+        method.load(folder)
+    state.unlink()
+    with pytest.raises(CLBenchError, match=f"{state} is missing"):
+        method.load(folder)
+    method.fisher["no.such.weight"] = torch.ones(1)
+    with pytest.raises(CLBenchError, match="Fisher holds 'no.such.weight', which no longer"):
+        method.before_stage(model, stage(2, "A"))
 
 
 # -- the methods' defaults, measured on the model -----------------------------------------------

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from method_stages import method_context, planned, stage, train_stage
+from method_kit import make_context, planned, stage, train_stage
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -71,7 +71,7 @@ def test_the_layer_counts_only_while_training() -> None:
 def test_two_stages_index_their_experts_and_mix_them_by_momentum(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "cl_moe")
+    ctx = make_context("cl_moe", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = planned(CLMoE(CLMoEOptions(index_size=1), ctx))
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     first = method.indices[0]

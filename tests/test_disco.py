@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from method_helpers import make_context, run_and_resume, stage, trained_like
+from method_kit import make_context, run_and_resume, stage, trained_like
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -179,8 +179,8 @@ def test_checkpoints_restore_the_subspaces(tiny_llava, ucit_root, tmp_path, tiny
 def test_end_to_end_run_and_resume(tiny_llava, ucit_root, tiny_clip, tmp_path, monkeypatch):
     from reports.run_folder import read_records
 
-    out = run_and_resume("disco", ucit_root, tiny_llava, tmp_path, monkeypatch,
-                         f"method.encoder={tiny_clip}")
+    out, _ = run_and_resume("disco", ucit_root, tiny_llava, tmp_path, monkeypatch,
+                            f"method.encoder={tiny_clip}")
     last = read_records(out)[-1]["method"]
     assert last["subspaces"] == 2 and last["parameters"]["identity_tokens"] == 2 * 24
     assert set(last["routing_accuracy"]) == {"ImageNet-R", "ArxivQA"}

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from method_helpers import load_tiny
-from method_stages import method_context, quick_run, run_resumed_and_whole, stage, train_stage
+from method_kit import load_tiny, make_context, quick_argv, run_and_resume, stage, train_stage
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
@@ -94,7 +93,7 @@ def test_bad_options_are_clear_errors(given, match) -> None:
 
 
 def test_deepspeed_is_refused_before_training(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "gem")
+    ctx = make_context("gem", tiny_llava, ucit_root, tmp_path, real_training=True)
     ctx.config.train.deepspeed = "zero2.json"
     with pytest.raises(CLBenchError, match="DeepSpeed"):
         GEM(GEMOptions(), ctx).before_stage(ctx.bundle.model, stage(1, "ImageNet-R"))
@@ -116,7 +115,7 @@ class FrozenBySteps(SeqLoRA):
 
 
 def test_the_hook_runs_once_per_optimizer_step_before_it(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "seq_lora")
+    ctx = make_context("seq_lora", tiny_llava, ucit_root, tmp_path, real_training=True)
     ctx.config.train.grad_accum, ctx.config.train.weight_decay = 2, 0.0
     method = FrozenBySteps(None, ctx)
     model = method.before_stage(ctx.bundle.model, stage(1, "ImageNet-R"))
@@ -143,7 +142,7 @@ def memory_gradient(method: GEM, model, flat: FlatGradients) -> torch.Tensor:
 def test_a_conflicting_step_is_projected_onto_the_memory_constraint(
     tiny_llava, ucit_root, tmp_path, margin
 ) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "gem")
+    ctx = make_context("gem", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = GEM(GEMOptions(memory_per_task=4, memory_batch_size=4, memory_strength=margin), ctx)
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     assert len(method.memories) == 1 and len(method.memories[0]) == 4
@@ -166,7 +165,7 @@ def test_a_conflicting_step_is_projected_onto_the_memory_constraint(
 
 
 def test_hook_keeps_each_gradients_dtype_on_a_bf16_model(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "gem")
+    ctx = make_context("gem", tiny_llava, ucit_root, tmp_path, real_training=True)
     ctx.bundle = load_tiny(tiny_llava, "bf16")
     method = GEM(GEMOptions(memory_per_task=2), ctx)
     model = method.before_stage(ctx.bundle.model, stage(1, "ImageNet-R"))
@@ -183,21 +182,21 @@ def test_hook_keeps_each_gradients_dtype_on_a_bf16_model(tiny_llava, ucit_root, 
 
 @pytest.mark.slow
 def test_quick_run_resumes_with_its_memories(ucit_root, tiny_llava, tmp_path, monkeypatch) -> None:
-    whole, _ = run_resumed_and_whole(ucit_root, tiny_llava, tmp_path, "gem", monkeypatch,
-                                     "method.memory_per_task=3")
+    whole, _ = run_and_resume("gem", ucit_root, tiny_llava, tmp_path, monkeypatch,
+                              "method.memory_per_task=3")
     record = [line for line in (whole / "records.jsonl").read_text().splitlines()][-1]
     assert '"steps": 3' in record  # every stage-2 step computed the memory gradient
 
 
 def test_bad_option_stops_a_run_before_its_folder(ucit_root, tiny_llava, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(quick_run(ucit_root, tiny_llava, out, "gem", "method.memory_per_task=-1")) == 2
+    assert main(quick_argv("gem", ucit_root, tiny_llava, out, "method.memory_per_task=-1")) == 2
     assert "memory_per_task=-1" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_a_mid_stage_resume_draws_the_same_memory_batches(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "gem")
+    ctx = make_context("gem", tiny_llava, ucit_root, tmp_path, real_training=True)
     options = GEMOptions(memory_per_task=8, memory_batch_size=2)
     method = GEM(options, ctx)
     method.memories = [[("ImageNet-R", i) for i in range(8)]]

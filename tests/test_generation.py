@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,31 +78,55 @@ def test_hook_sees_each_batch_rows_with_their_images(bundle, ucit_root: Path) ->
     assert sorted(seen) == sorted((q, img is not None) for q, img in prompts)
 
 
-def test_rows_stop_at_eos_and_the_batch_when_all_have(bundle) -> None:
-    """EOS is forced into row r's logits at step ``stop[r]``: each answer is the one of
-    ``stop[r]`` new tokens, and the decoder runs only as many steps as the last row needs."""
-    prompts = [("red?", None), ("What colour is it?", None), ("What colour is the square?", None)]
-    ids = [encode_prompt(bundle, q, False) for q, _ in prompts]
-    in_batch = length_batches([len(i) for i in ids], 3)[0]  # prompt index of each batch row
-    stop = {0: 1, 1: 3, 2: 2}  # prompt -> the step at which it ends
-    eos, steps = bundle.tokenizer.eos_token_id, []
+THREE = [("red?", None), ("What colour is it?", None), ("What colour is the square?", None)]
 
-    def force_eos(_module, _inputs, logits: torch.Tensor) -> torch.Tensor:
+
+def generate_forcing(bundle, token_at: Callable[[int, int], int | None],
+                     max_new_tokens: int) -> tuple[list[str], int]:
+    """``THREE``'s answers in one batch, ``token_at(prompt, step)`` (a token id, or None) forced
+    into each row's logits at each decoding step; and how many steps the decoder ran."""
+    ids = [encode_prompt(bundle, q, False) for q, _ in THREE]
+    in_batch = length_batches([len(i) for i in ids], 3)[0]  # prompt index of each batch row
+    steps: list[int] = []
+
+    def force(_module, _inputs, logits: torch.Tensor) -> torch.Tensor:
         for row, prompt in enumerate(in_batch):
-            if len(steps) == stop[prompt]:
-                logits[row, -1, eos] = 1e4
+            token = token_at(prompt, len(steps))
+            if token is not None:
+                logits[row, -1, token] = 1e4
         steps.append(len(steps))
         return logits
 
-    handle = bundle.model.lm_head.register_forward_hook(force_eos)
+    handle = bundle.model.lm_head.register_forward_hook(force)
     try:
-        forced = generate_texts(bundle.model, bundle, prompts, 3, 6)
+        return generate_texts(bundle.model, bundle, THREE, 3, max_new_tokens), len(steps)
     finally:
         handle.remove()
-    assert len(steps) == max(stop.values()) + 1
-    cut = [generate_texts(bundle.model, bundle, [p], 1, stop[i])[0] for i, p in enumerate(prompts)]
+
+
+def test_rows_stop_at_eos_and_the_batch_when_all_have(bundle, monkeypatch) -> None:
+    """EOS is forced into row r's logits at step ``stop[r]``: each answer is the one of
+    ``stop[r]`` new tokens, and the decoder runs only as many steps as the last row needs.
+    The model folder's generation_config names no EOS: the tokenizer's is used all the same
+    (``generate`` fills a None in the config it is given from the model's)."""
+    monkeypatch.setattr(bundle.model.generation_config, "eos_token_id", None)
+    stop = {0: 1, 1: 3, 2: 2}  # prompt -> the step at which it ends
+    eos = bundle.tokenizer.eos_token_id
+    forced, steps = generate_forcing(bundle, lambda p, step: eos if step == stop[p] else None, 6)
+    assert steps == max(stop.values()) + 1
+    cut = [generate_texts(bundle.model, bundle, [p], 1, stop[i])[0] for i, p in enumerate(THREE)]
     assert forced == cut
     assert len(set(cut)) == 3
+
+
+def test_answers_are_the_new_tokens_decoded_and_stripped(bundle) -> None:
+    """The decoder is made to say prompt p's words, then EOS: each answer is exactly those words
+    (no prompt token, no EOS or padding, no leading space or newline), in input order."""
+    tok = bundle.tokenizer
+    said = [tok(w, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            for w in (" blue", " red green", "\ngreen")]
+    answers, _ = generate_forcing(bundle, lambda p, step: said[p][min(step, len(said[p]) - 1)], 8)
+    assert answers == ["blue", "red green", "green"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")

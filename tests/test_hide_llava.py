@@ -6,12 +6,13 @@ import copy
 import csv
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CLIP
-from method_helpers import RANK, make_context, stage, trained_like
+from method_kit import RANK, make_context, stage, trained_like
 from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
 from cl_bench.cli import main
@@ -30,7 +31,7 @@ from methods.hide_llava.assembly import assemble, expert_model, layer_modes
 from methods.hide_llava.experts import TaskExpert, load_experts, set_projector
 from methods.hide_llava.fusion import FusedLoRALinear, fused_factors
 from methods.hide_llava.method import HiDeLLaVA
-from methods.hide_llava.options import HiDeOptions
+from methods.hide_llava.options import HiDeOptions, check_options
 from methods.hide_llava.routing import routing_weights
 from reports.run_folder import read_records
 from tasks.loaders import load_samples
@@ -239,6 +240,20 @@ def test_options_are_checked(tiny_llava, ucit_root, tmp_path) -> None:
     assert HiDeLLaVA(HiDeOptions(layout="merge_all"), ctx).encoder is None  # no routing
 
 
+def test_every_bad_option_is_named_in_one_error() -> None:
+    bad = HiDeOptions(fusion="mean", text_feature="last", temperature=0.0, image_weight=0.0,
+                      text_weight=0.0, top_layers=0, rank=0)
+    with pytest.raises(CLBenchError) as err:
+        check_options(bad)
+    for named in ("method.fusion='mean'", "method.text_feature='last'", "method.temperature=0.0",
+                  "method.image_weight and method.text_weight", "method.top_layers=0",
+                  "method.rank=0"):
+        assert named in str(err.value)
+    check_options(HiDeOptions(image_weight=0.0))  # text alone routes
+    with pytest.raises(CLBenchError, match="image_weight"):
+        check_options(HiDeOptions(image_weight=-0.2))
+
+
 def test_ablations_are_registered_methods() -> None:
     expected = {
         "hide_llava_merge_all": {"layout": "merge_all"},
@@ -254,6 +269,25 @@ def test_ablations_are_registered_methods() -> None:
 
 
 # -- the method through its hooks -----------------------------------------------------------------
+def test_anchors_average_a_seeded_subset_of_anchor_samples(tiny_llava, ucit_root, tiny_clip,
+                                                           tmp_path) -> None:
+    ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
+    options = HiDeOptions(encoder=str(tiny_clip), anchor_samples=3, encoder_batch=2)
+    method = HiDeLLaVA(options, ctx)
+    samples = ctx.train_samples(stage(1, "ImageNet-R").tasks[0])
+    assert len(samples) == 8
+    expert = TaskExpert("ImageNet-R", 1, {})
+    method._add_anchors(expert, samples, seed=1)
+    chosen = random.Random(1).sample(samples, 3)
+    assert expert.anchor_samples == expert.image_samples == 3
+    images = method.encoder.image_features([load_image(s.image) for s in chosen])
+    texts = method.encoder.text_features([s.question for s in chosen])
+    assert torch.allclose(expert.image_anchor, images.mean(0).cpu(), atol=1e-5)
+    assert torch.allclose(expert.text_anchor, texts.mean(0).cpu(), atol=1e-5)
+    every = method.encoder.image_features([load_image(s.image) for s in samples]).mean(0)
+    assert not torch.allclose(expert.image_anchor, every.cpu(), atol=1e-3)  # a subset, not all
+
+
 def test_stages_anchors_routing_and_checkpoints(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
     ctx = make_context("hide_llava", tiny_llava, ucit_root, tmp_path)
     method = HiDeLLaVA(HiDeOptions(encoder=str(tiny_clip)), ctx)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from method_matrix import model_settings
-from method_stages import (
+from method_kit import (
     answers_in_batches,
-    method_context,
-    quick_run,
-    run_resumed_and_whole,
+    make_context,
+    model_settings,
+    quick_argv,
+    run_and_resume,
     stage,
     train_stage,
 )
@@ -67,12 +67,12 @@ def test_bad_options_are_clear_errors(given, match) -> None:
 
 def test_bad_options_stop_a_run_before_its_folder(ucit_root, tiny_llava, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(quick_run(ucit_root, tiny_llava, out, "l2p", "method.top_n=20")) == 2
+    assert main(quick_argv("l2p", ucit_root, tiny_llava, out, "method.top_n=20")) == 2
     assert "top_n <= pool_size" in capsys.readouterr().err and not out.exists()
 
 
 def test_training_moves_only_prompts_and_keys(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "l2p")
+    ctx = make_context("l2p", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = L2P(L2POptions(pool_size=6, top_n=2, prompt_length=3), ctx)
     model = ctx.bundle.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -92,7 +92,7 @@ def colour(rgb) -> Image.Image:
 
 
 def test_different_inputs_select_different_prompts(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "l2p")
+    ctx = make_context("l2p", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = L2P(L2POptions(pool_size=4, top_n=2, prompt_length=2, key_weight=0.5), ctx)
     model = method.before_stage(ctx.bundle.model, stage(1, "ImageNet-R"))
     red, blue = colour((230, 20, 20)), colour((20, 20, 230))
@@ -114,7 +114,7 @@ def test_different_inputs_select_different_prompts(tiny_llava, ucit_root, tmp_pa
 
 
 def test_batched_answers_equal_one_at_a_time(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "l2p")
+    ctx = make_context("l2p", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = L2P(L2POptions(pool_size=6, top_n=2, prompt_length=3), ctx)
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     evaluated = method.eval_model(model)
@@ -129,7 +129,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_llava, ucit_root, tmp_path) ->
 def test_quick_run_resumes_and_leaves_the_language_model_unchanged(
     ucit_root, tiny_llava, tmp_path, monkeypatch
 ) -> None:
-    whole, _ = run_resumed_and_whole(ucit_root, tiny_llava, tmp_path, "l2p", monkeypatch)
+    whole, _ = run_and_resume("l2p", ucit_root, tiny_llava, tmp_path, monkeypatch)
     checkpoint = whole / "checkpoints" / "stage_2"
     assert (checkpoint / "l2p_pool.safetensors").is_file()
     with safe_open(str(checkpoint / MODEL_FILE), "pt") as f:
@@ -137,7 +137,7 @@ def test_quick_run_resumes_and_leaves_the_language_model_unchanged(
 
 
 def test_queries_and_prompts_on_a_bf16_model(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "l2p")
+    ctx = make_context("l2p", tiny_llava, ucit_root, tmp_path, real_training=True)
     model = load_llava(tiny_llava, model_settings("bf16")).model
     method = L2P(L2POptions(pool_size=4, top_n=2, prompt_length=2), ctx)
     model = method.before_stage(model, stage(1, "ImageNet-R"))

@@ -178,3 +178,16 @@ def test_zero3_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
 def test_nproc_is_taken_off_the_relaunched_command() -> None:
     assert without_nproc(["run", "--nproc", "2", "--quick"]) == ["run", "--quick"]
     assert without_nproc(["run", "--nproc=8", "--out", "x"]) == ["run", "--out", "x"]
+
+
+def test_run_with_nproc_relaunches_itself_and_names_a_failure(monkeypatch, capsys) -> None:
+    import cl_bench.running.launch
+
+    calls, status = [], [0]
+    monkeypatch.setattr(cl_bench.running.launch, "relaunch",
+                        lambda argv, n: calls.append((argv, n)) or status[0])
+    assert main(["run", "--method", "finetune", "--nproc", "2", "--quick"]) == 0
+    assert calls == [(["run", "--method", "finetune", "--quick"], 2)]
+    status[0] = 3
+    assert main(["run", "--nproc", "2", "--quick"]) == 2
+    assert "torchrun --nproc_per_node 2 failed (exit status 3" in capsys.readouterr().err

@@ -120,6 +120,21 @@ def test_resume_of_a_killed_llava_c_run_gives_the_same_run(
     assert_same_run(out, llava_c_run, "deltas")
 
 
+def test_sweep_command_passes_its_options_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    import cl_bench.analysis.sweep
+
+    calls = []
+    monkeypatch.setattr(cl_bench.analysis.sweep, "sweep_alpha",
+                        lambda *args: calls.append(args) or tmp_path / "alpha.csv")
+    argv = ["sweep-alpha", str(tmp_path), "--stage", "2", "--alphas", "0,0.5",
+            "--consolidation", "modelmix", "--set", "method.uir=none"]
+    assert main(argv) == 0
+    assert calls == [(tmp_path, 2, [0.0, 0.5], {"uir": "none", "consolidation": "modelmix"})]
+    assert str(tmp_path / "alpha.csv") in capsys.readouterr().out
+    assert main(["sweep-alpha", str(tmp_path), "--stage", "2", "--set", "uir=none"]) == 2
+    assert "expected method.KEY=VALUE" in capsys.readouterr().err
+
+
 def test_sweep_errors(llava_c_run: Path, tmp_path: Path) -> None:
     with pytest.raises(CLBenchError, match="no stored delta for stage 3"):
         sweep_alpha(llava_c_run, 3, [0.5])

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from method_stages import (
+from method_kit import (
     answers_in_batches,
-    method_context,
-    quick_run,
-    run_resumed_and_whole,
+    make_context,
+    quick_argv,
+    run_and_resume,
     train_stage,
 )
 from PIL import Image
@@ -122,7 +122,7 @@ def test_bad_options_are_clear_errors(given, match) -> None:
 
 def test_an_encoder_without_a_shared_feature_space_is_refused(tiny_llava, ucit_root,
                                                              tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "modalprompt")
+    ctx = make_context("modalprompt", tiny_llava, ucit_root, tmp_path, real_training=True)
     with pytest.raises(CLBenchError, match="64 text dims"):  # LLaVA's own towers: 32 vs 64
         ModalPrompt(ModalPromptOptions(encoder="llava"), ctx)
     with pytest.raises(CLBenchError, match="needs a feature encoder"):
@@ -132,7 +132,7 @@ def test_an_encoder_without_a_shared_feature_space_is_refused(tiny_llava, ucit_r
 def test_stages_train_only_the_current_prompt_and_leave_the_llava_unchanged(
     tiny_llava, ucit_root, tiny_clip, tmp_path
 ) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "modalprompt")
+    ctx = make_context("modalprompt", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = ModalPrompt(ModalPromptOptions(encoder=str(tiny_clip), prompt_length=4), ctx)
     model = ctx.bundle.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -154,7 +154,7 @@ def test_stages_train_only_the_current_prompt_and_leave_the_llava_unchanged(
 
 
 def test_batch_features_are_each_rows_own(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "modalprompt")
+    ctx = make_context("modalprompt", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = ModalPrompt(ModalPromptOptions(encoder=str(tiny_clip)), ctx)
     red, blue = Image.new("RGB", (32, 32), (230, 20, 20)), Image.new("RGB", (32, 32), (20, 20, 230))
     got = method.features([("a red one", red), ("text only", None), ("a blue one", blue)])
@@ -174,7 +174,7 @@ def vocabulary_row_copy(prompt: torch.Tensor, model) -> torch.Tensor:
 
 
 def test_batched_answers_equal_one_at_a_time(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "modalprompt")
+    ctx = make_context("modalprompt", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = ModalPrompt(ModalPromptOptions(encoder=str(tiny_clip), top_k=1), ctx)
     model = ctx.bundle.model
     for index, task in enumerate(["ImageNet-R", "ArxivQA"], start=1):
@@ -191,8 +191,8 @@ def test_batched_answers_equal_one_at_a_time(tiny_llava, ucit_root, tiny_clip, t
 def test_quick_run_resumes_with_its_task_prompts(
     ucit_root, tiny_llava, tiny_clip, tmp_path, monkeypatch
 ) -> None:
-    whole, _ = run_resumed_and_whole(ucit_root, tiny_llava, tmp_path, "modalprompt",
-                                     monkeypatch, f"method.encoder={tiny_clip}")
+    whole, _ = run_and_resume("modalprompt", ucit_root, tiny_llava, tmp_path, monkeypatch,
+                              f"method.encoder={tiny_clip}")
     checkpoint = whole / "checkpoints" / "stage_2"
     assert (checkpoint / "modalprompt.safetensors").is_file()
     with safe_open(str(checkpoint / MODEL_FILE), "pt") as f:
@@ -201,5 +201,5 @@ def test_quick_run_resumes_with_its_task_prompts(
 
 def test_bad_options_stop_a_run_before_its_folder(ucit_root, tiny_llava, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(quick_run(ucit_root, tiny_llava, out, "modalprompt", "method.top_k=0")) == 2
+    assert main(quick_argv("modalprompt", ucit_root, tiny_llava, out, "method.top_k=0")) == 2
     assert "top_k=0" in capsys.readouterr().err and not out.exists()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from method_helpers import make_context, run_and_resume, stage, trained_like
+from method_kit import make_context, run_and_resume, stage, trained_like
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -58,6 +58,16 @@ def test_salience_is_the_change_from_the_weight_before() -> None:
     tailored = tailor_weight(tuned, before, torch.eye(3), 0.34, salience_weight=1.0, damp=0.0,
                              compensation="none")
     assert tailored.tolist() == [[1.0, 3.0, 1.0], [1.0, 0.0, 4.0]]
+
+
+def test_sensitivity_divides_by_the_squared_diagonal_of_u() -> None:
+    # H = diag(36, 1, 1/4): U = H^-1/2 = diag(1/6, 1, 2); salience weight 0: importance =
+    # z(W^2 / U_jj^2) = z((36, 4, 2.25)), lowest at column 2 (W^2 / U_jj = (6, 4, 4.5) would be
+    # lowest at column 1); sparsity 0 reverts exactly the lowest entry
+    hessian = torch.diag(torch.tensor([36.0, 1.0, 0.25]))
+    tailored = tailor_weight(torch.tensor([[1.0, 2.0, 3.0]]), torch.zeros(1, 3), hessian, 0.0,
+                             salience_weight=0.0, damp=0.0, compensation="none")
+    assert tailored.tolist() == [[1.0, 2.0, 0.0]]
 
 
 def test_damping_is_a_share_of_the_mean_diagonal() -> None:
@@ -150,8 +160,8 @@ def test_a_tailored_stage_keeps_a_patch_of_each_update(
 def test_end_to_end_run_and_resume(tiny_llava, ucit_root, tmp_path, monkeypatch) -> None:
     from reports.run_folder import read_records
 
-    out = run_and_resume("model_tailor", ucit_root, tiny_llava, tmp_path, monkeypatch,
-                         "method.calibration_samples=4")
+    out, _ = run_and_resume("model_tailor", ucit_root, tiny_llava, tmp_path, monkeypatch,
+                            "method.calibration_samples=4")
     assert 0 < read_records(out)[-1]["method"]["patch_share"] <= 0.1
 
 

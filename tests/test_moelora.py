@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from method_stages import (
-    method_context,
+from method_kit import (
+    make_context,
     planned,
-    quick_run,
-    run_resumed_and_whole,
+    quick_argv,
+    run_and_resume,
     train_stage,
 )
 
@@ -76,7 +76,7 @@ def test_bad_options_are_clear_errors(given, match) -> None:
 
 
 def test_experts_default_to_the_number_of_stages(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
+    ctx = make_context("moelora", tiny_llava, ucit_root, tmp_path, real_training=True)
     tasks = [ctx.suite.task(t) for t in ("ImageNet-R", "ArxivQA", "VizWiz-caption")]
     method = MoELoRA(MoELoRAOptions(), ctx)
     assert len(method.plan(tasks)) == 3 and (method.experts, method.rank) == (3, 9)
@@ -86,7 +86,7 @@ def test_experts_default_to_the_number_of_stages(tiny_llava, ucit_root, tmp_path
 
 def test_bad_rank_stops_a_run_before_any_training(ucit_root, tiny_llava, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert main(quick_run(ucit_root, tiny_llava, out, "moelora", "method.rank=3")) == 2
+    assert main(quick_argv("moelora", ucit_root, tiny_llava, out, "method.rank=3")) == 2
     assert "rank=3 is not divisible by 2 experts" in capsys.readouterr().err
     assert not (out / "records.jsonl").exists()  # not even the starting model was evaluated
 
@@ -94,7 +94,7 @@ def test_bad_rank_stops_a_run_before_any_training(ucit_root, tiny_llava, tmp_pat
 def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
+    ctx = make_context("moelora", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = planned(MoELoRA(MoELoRAOptions(rank=4, alpha=8.0), ctx))
     start = {n: p.detach().clone() for n, p in ctx.bundle.model.named_parameters()}
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
@@ -137,7 +137,7 @@ def test_in_the_model_gates_sum_to_one_and_the_delta_is_the_routed_sum(
 def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "moelora")
+    ctx = make_context("moelora", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = planned(MoELoRA(MoELoRAOptions(), ctx))
     model, _ = train_stage(method, ctx.bundle.model, 1, "ImageNet-R")
     ctx.note_trainable(model)  # as the runner: the adapters are no plain trained parameters
@@ -146,8 +146,8 @@ def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
     assert (tmp_path / "checkpoint" / MODEL_FILE).stat().st_size < weights / 2  # no model copy
     plain = without_experts(model)
     assert not expert_layers(plain) and expert_layers(model)  # the trained model stays wrapped
-    fresh = planned(MoELoRA(MoELoRAOptions(),
-                            method_context(tiny_llava, ucit_root, tmp_path, "moelora")))
+    fresh = planned(MoELoRA(MoELoRAOptions(), make_context("moelora", tiny_llava, ucit_root,
+                                                           tmp_path, real_training=True)))
     loaded = fresh.load(tmp_path / "checkpoint")  # on a freshly loaded starting model
     batch = collate_batch([prompt_item(ctx.bundle, "red", None)], ctx.bundle)
     model.eval()
@@ -159,5 +159,5 @@ def test_checkpoints_hold_the_adapters_and_a_pointer_to_the_base(
 
 @pytest.mark.slow
 def test_quick_run_resumes_with_its_experts(ucit_root, tiny_llava, tmp_path, monkeypatch) -> None:
-    whole, _ = run_resumed_and_whole(ucit_root, tiny_llava, tmp_path, "moelora", monkeypatch)
+    whole, _ = run_and_resume("moelora", ucit_root, tiny_llava, tmp_path, monkeypatch)
     assert (whole / "checkpoints" / "stage_2" / "moelora.safetensors").is_file()

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from method_helpers import make_context, run_and_resume, stage, trained_like
+from method_kit import make_context, run_and_resume, stage, trained_like
 
 import methods.mr_lora.method as mr_lora_method
 from cl_bench.errors import CLBenchError
@@ -194,8 +194,8 @@ def test_checkpoints_restore_experts_router_and_tasks(tiny_llava, ucit_root, tmp
 def test_end_to_end_run_and_resume(tiny_llava, ucit_root, tmp_path, monkeypatch) -> None:
     from reports.run_folder import read_records
 
-    out = run_and_resume("mr_lora", ucit_root, tiny_llava, tmp_path, monkeypatch,
-                         "method.router_lr=0.01")
+    out, _ = run_and_resume("mr_lora", ucit_root, tiny_llava, tmp_path, monkeypatch,
+                            "method.router_lr=0.01")
     last = read_records(out)[-1]["method"]
     assert last["experts"] == 2 and set(last["routing_accuracy"]) == {"ImageNet-R", "ArxivQA"}
     assert last["parameters"]["projectors"] > 0

@@ -10,29 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_kit import model_settings
 
-from cl_bench.config import ModelConfig, RunConfig
+from cl_bench.config import RunConfig
 from cl_bench.errors import CLBenchError
 from cl_bench.method import MethodContext, Stage
 from cl_bench.models.deltas import LoraFactors, StageDelta
 from cl_bench.models.llava import load_llava
 from cl_bench.models.lora import language_model_linears, projector
-from cl_bench.models.updates import UpdatedLinear, apply_delta
+from cl_bench.models.updates import UpdatedLinear, add_update, apply_delta
 from cl_bench.registry import get_method, get_suite
 
 RELATIVE = 1e-4  # |dW| / |W|, below where LLaVA-c's SAC and ModelMix at alpha 0.2 land
-
-
-def settings(dtype: str) -> ModelConfig:
-    return ModelConfig(device="cpu", dtype=dtype, attn_implementation="sdpa",
-                       conversation="llava_hf", image_aspect_ratio="crop")
 
 
 def method_on(name: str, model_dir: Path, root: Path, run_dir: Path, dtype: str, **options):
     cfg = RunConfig(method=name, suite="ucit")
     cfg.lora.rank, cfg.lora.alpha = 4, 8.0
     spec = get_method(name)
-    ctx = MethodContext(cfg, get_suite("ucit"), root, load_llava(model_dir, settings(dtype)),
+    ctx = MethodContext(cfg, get_suite("ucit"), root, load_llava(model_dir, model_settings(dtype)),
                         run_dir)
     return spec.cls(spec.options(options), ctx)
 
@@ -86,7 +82,7 @@ def test_small_updates_shift_bfloat16_outputs_beside_the_weight_not_merged(tiny_
     """Why updates stay beside the weights: merged into bfloat16 weights (the naive way, a
     planted bug) most of a 1e-4 update is gone from the weight and from the outputs, while
     beside the weight the outputs carry it in full (their own rounding is noise, not bias)."""
-    bundle = load_llava(tiny_llava, settings("bf16"))
+    bundle = load_llava(tiny_llava, model_settings("bf16"))
     linear = next(iter(language_model_linears(bundle.model, ["q_proj"]).values()))
     weight = linear.weight.detach().clone()
     update = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
@@ -170,7 +166,7 @@ def test_float32_updates_merge_and_replay_bit_for_bit(tiny_llava, ucit_root, tmp
 
 
 def test_a_full_update_into_bfloat16_parameters_is_refused(tiny_llava) -> None:
-    model = load_llava(tiny_llava, settings("bf16")).model
+    model = load_llava(tiny_llava, model_settings("bf16")).model
     name = next(n for n, p in model.named_parameters() if "norm" in n)
     delta = StageDelta(full={name: torch.ones_like(dict(model.named_parameters())[name])})
     with pytest.raises(CLBenchError, match=f"full update of {name}"):
@@ -178,7 +174,7 @@ def test_a_full_update_into_bfloat16_parameters_is_refused(tiny_llava) -> None:
 
 
 def test_update_layers_keep_float32_factors_and_refuse_a_wrong_shape(tiny_llava) -> None:
-    model = load_llava(tiny_llava, settings("bf16")).model
+    model = load_llava(tiny_llava, model_settings("bf16")).model
     name, linear = next(iter(language_model_linears(model, ["q_proj"]).items()))
     layer = UpdatedLinear(linear)
     layer.add(LoraFactors(torch.ones(linear.out_features, 2, dtype=torch.bfloat16),
@@ -187,6 +183,19 @@ def test_update_layers_keep_float32_factors_and_refuse_a_wrong_shape(tiny_llava)
     assert torch.allclose(layer.delta(), torch.full(linear.weight.shape, 1.0))
     with pytest.raises(CLBenchError, match="update of shape"):
         layer.add(torch.zeros(2, 2))
+
+
+def test_an_update_of_a_missing_or_non_linear_module_is_refused() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    with pytest.raises(CLBenchError, match="update for module '2', absent from the model"):
+        add_update(model, "2", torch.zeros(3, 3))
+    with pytest.raises(CLBenchError, match="update for '1', a ReLU, not a linear layer"):
+        add_update(model, "1", torch.zeros(3, 3))
+    x = torch.ones(1, 3)
+    before = model[0](x)
+    add_update(model, "0", torch.ones(3, 3))
+    assert isinstance(model[0], UpdatedLinear)
+    assert torch.allclose(model[0](x) - before, torch.full((1, 3), 3.0))
 
 
 @pytest.mark.parametrize("name", ["seq_lora", "olora"])

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from run_kit import LEARNING, assert_same_run, kill_after_predictions
 
 from cl_bench.cli import main
@@ -193,6 +194,16 @@ def test_resume_refuses_a_changed_config_or_code_unless_forced(
     assert (run / "records.jsonl").read_text() == before
     assert main(["run", "--out", str(run), "--resume", "--force"]) == 0
     assert "0" * 40 in config.read_text()
+    # a folder of an older cl-bench records no environment: nothing to compare, said so
+    monkeypatch.setattr(cl_bench.running.environment, "git_commit", lambda: "1" * 40)
+    settings = yaml.safe_load(config.read_text())
+    del settings["environment"]
+    config.write_text(yaml.safe_dump(settings))
+    capsys.readouterr()
+    assert main(["run", "--out", str(run), "--resume"]) == 0
+    said = capsys.readouterr()
+    assert "records no environment (an older run): not compared" in said.out + said.err
+    assert (run / "records.jsonl").read_text() == before
 
 
 def test_two_runs_cannot_write_one_folder(finished: Path, tmp_path: Path, capsys) -> None:

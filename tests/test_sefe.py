@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from method_helpers import make_context, run_and_resume, stage, trained_like
+from method_kit import make_context, run_and_resume, stage, trained_like
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -162,8 +162,8 @@ def test_end_to_end_run_and_resume(tiny_llava, ucit_root, tmp_path, monkeypatch)
     and test_method_effects_routed.py)."""
     from reports.run_folder import read_records
 
-    out = run_and_resume("reglora", ucit_root, tiny_llava, tmp_path / "reglora", monkeypatch,
-                         "train.max_steps=3")  # the first step's lr is 0 (warm-up): B A = 0
+    # the quick run's 3 steps, not 2: the first step's lr is 0 (warm-up), leaving B A = 0
+    out, _ = run_and_resume("reglora", ucit_root, tiny_llava, tmp_path / "reglora", monkeypatch)
     records = read_records(out)
     assert "reglora" not in records[1]["train"] and records[2]["train"]["reglora"] > 0
     assert records[-1]["method"]["key_elements"] > 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_kit import model_settings
 from transformers import TrainerCallback
 
 from cl_bench.config import LoraSettings, TrainConfig
@@ -108,12 +109,7 @@ def test_training_arguments_follow_the_model(tiny_llava) -> None:
     cfg = TrainConfig(warmup_ratio=0.03, gradient_checkpointing=True, dataloader_workers=3,
                       save_steps=50, batch_size=4, global_batch_size=12)
     for dtype, bf16 in (("bf16", True), ("fp32", False)):
-        from cl_bench.config import ModelConfig
-
-        model = load_llava(tiny_llava, ModelConfig(device="cpu", dtype=dtype,
-                                                   attn_implementation="sdpa",
-                                                   conversation="llava_hf",
-                                                   image_aspect_ratio="crop")).model
+        model = load_llava(tiny_llava, model_settings(dtype)).model
         args = training_arguments(cfg, Path("out"), 0, model)
         assert (args.bf16, args.fp16, args.use_cpu) == (bf16, False, True)
     assert args.gradient_accumulation_steps == 3 and args.warmup_steps == 0.03
