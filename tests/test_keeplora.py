@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_stages import method_context, planned, stage
+from method_kit import make_context, planned, stage
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -94,7 +94,7 @@ def test_the_captured_weight_gradients_equal_autograds_with_the_model_frozen() -
 def test_a_stage_trains_b_on_a_frozen_a_orthogonal_to_the_protected_subspace(
     tiny_llava, ucit_root, tmp_path
 ) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "keeplora")
+    ctx = make_context("keeplora", tiny_llava, ucit_root, tmp_path, real_training=True)
     ctx.config.lora.rank = 4
     method = planned(KeepLoRA(parse_options(KeepLoRA, {}), ctx))
     first = stage(1, "ImageNet-R")
@@ -132,6 +132,6 @@ def test_bad_options_stop_before_training(given: dict, message: str) -> None:
 
 
 def test_a_rank_above_a_layers_width_is_refused(tiny_llava, ucit_root, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "keeplora")
+    ctx = make_context("keeplora", tiny_llava, ucit_root, tmp_path, real_training=True)
     with pytest.raises(CLBenchError, match="directions"):
         KeepLoRA(parse_options(KeepLoRA, {"rank": 100000}), ctx)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_kit import make_context, planned
 from method_matrix import build_method, eval_logits, sample_prompts, two_stages
-from method_stages import method_context, planned
 
 from cl_bench.errors import CLBenchError
 from cl_bench.method import parse_options
@@ -83,7 +83,7 @@ def test_beams_repeat_each_samples_instruction_and_a_missing_one_is_an_error() -
 
 
 def test_the_defaults_are_the_releases(tiny_llava, ucit_root, tiny_clip, tmp_path) -> None:
-    ctx = method_context(tiny_llava, ucit_root, tmp_path, "smolora")
+    ctx = make_context("smolora", tiny_llava, ucit_root, tmp_path, real_training=True)
     method = planned(SMoLoRA(parse_options(SMoLoRA, {"encoder": str(tiny_clip)}), ctx))
     # Train_Eval/*.sh: --expert_num 8 --lora_r 128 --lora_alpha 256
     assert (method.experts, method.rank, method.scaling) == (8, 128, 2.0)
