@@ -13,8 +13,16 @@ from tasks.loaders import load_samples
 from tasks.micro.fingerprint import tree_sha256
 from tasks.micro.general import GENERAL_MIX
 from tasks.micro.mix665k import MIX_DIR, MIX_SOURCES
-from tasks.micro.tasks import MICRO_TASKS, generate
-from tasks.micro.world import OBJECTS, MicroWorldConfig
+from tasks.micro.scene import plural
+from tasks.micro.tasks import (
+    CHART_COLOURS,
+    ICON_OPTIONS,
+    MICRO_TASKS,
+    generate,
+    icon_count,
+    icon_most,
+)
+from tasks.micro.world import COLOURS, OBJECTS, SHAPES, MicroWorldConfig, rng_for
 from tasks.micro.write import generate_micro_world
 from tasks.suites.ucit import UCIT_TASKS
 
@@ -170,6 +178,54 @@ def test_option_answers_are_balanced(name: str, split: str) -> None:
     task = next(t for t in MICRO_TASKS if t.name == name)
     answers = Counter(ex.answer for ex in generate(task, 3, split, 400, 32))
     assert len(answers) == 4 and set(answers.values()) == {100}
+
+
+@pytest.mark.parametrize("name", ["ArxivQA", "IconQA"])
+def test_option_tasks_list_the_same_options_for_each_question(name: str) -> None:
+    task = next(t for t in MICRO_TASKS if t.name == name)
+    blocks = defaultdict(set)
+    for ex in generate(task, 1, "train", 120, 32):
+        question, *options, _ = ex.question.split("\n")
+        blocks[question.split(" ")[1]].add(tuple(options))  # "How many <shape>" -> "many"
+    assert all(len(v) == 1 for v in blocks.values())  # one option list per question kind
+    expected = {"ArxivQA": [CHART_COLOURS], "IconQA": list(ICON_OPTIONS.values())}[name]
+    assert {opts for v in blocks.values() for opts in v} == {
+        tuple(f"{letter}. {o}" for letter, o in zip("ABCD", opts, strict=True))
+        for opts in expected}
+
+
+def leftmost_bar_colour(image: Image.Image) -> str:
+    """The chart colour nearest the first bar pixel right of the y axis."""
+    pixels = image.convert("RGB").load()
+    for x in range(6, image.width):
+        for y in range(4, image.height - 4):
+            nearest = min(CHART_COLOURS, key=lambda c: sum(
+                abs(a - b) for a, b in zip(COLOURS[c], pixels[x, y], strict=True)))
+            if sum(abs(a - b) for a, b in zip(COLOURS[nearest], pixels[x, y],
+                                              strict=True)) < 90:
+                return nearest
+    raise AssertionError("no bar found")
+
+
+def test_arxivqa_letter_names_the_option_true_of_the_chart() -> None:
+    task = next(t for t in MICRO_TASKS if t.name == "ArxivQA")
+    leftmost = [ex for ex in generate(task, 2, "train", 160, 32)
+                if ex.question.startswith("What is the colour of the leftmost bar?")]
+    assert len(leftmost) == 40
+    for ex in leftmost:
+        assert leftmost_bar_colour(ex.image) == CHART_COLOURS["ABCD".index(ex.answer)]
+
+
+@pytest.mark.parametrize("position", range(4))
+def test_iconqa_scenes_make_the_option_at_position_true(position: int) -> None:
+    for i in range(20):
+        shapes, question = icon_count(rng_for(0, "count", position, i), position)
+        target = next(s for s in SHAPES if f" {plural(s)} " in question)
+        assert shapes.count(target) == position + 1
+        shapes, _ = icon_most(rng_for(0, "most", position, i), position)
+        counts = Counter(shapes).most_common()
+        assert counts[0][0] == SHAPES[position] and (len(counts) == 1
+                                                     or counts[1][1] < counts[0][1])
 
 
 def test_word_answers_are_balanced() -> None:
