@@ -25,7 +25,7 @@ from pathlib import Path
 from cl_bench.config import resolve
 from cl_bench.registry import get_suite
 from cl_bench.running.runner import run
-from tasks.micro.base import PRESET_VARIABLE, micro_base_folder
+from tasks.micro.base import PRESET_VARIABLE, base_folder, micro_base_folder, preset
 from tasks.micro.fingerprint import REFERENCE, differences, read_record
 
 SUITE = "ucit-micro"
@@ -73,20 +73,24 @@ def task_alone(letter: str, out: Path, seed: int, overrides: list[str]) -> dict:
 
 
 def build_targets(cache: Path) -> tuple[list[Target], dict]:
+    was_built = (base_folder(cache, preset()) / "build.json").exists()
     started = time.time()
     folder = micro_base_folder(cache)
-    built = time.time() - started
+    wall = time.time() - started
     started = time.time()
     micro_base_folder(cache)
     cached = time.time() - started
     record = json.loads((folder / "build.json").read_text())
+    # a base already in --cache was built earlier: its record holds the time that build took
+    built = sum(record["seconds"].values()) if was_built else wall
     stage0 = record["stage0"]
     reference = read_record(REFERENCE)
     same = reference is not None and reference["fingerprint"] == record["fingerprint"]
     diffs = differences(record, reference) if same else ["no reference for this config"]
     targets = [
         Target("base build (world + base) <= 10 min on 2 cores",
-               f"{built:.0f} s (cached: {cached:.1f} s)", built <= BUILD_SECONDS),
+               f"{built:.0f} s{' (recorded when it was built)' if was_built else ''} "
+               f"(cached: {cached:.1f} s)", built <= BUILD_SECONDS),
         Target(f"base micro MME accuracy >= {GENERAL_ACC:.0f} %",
                f"{stage0['micro_mme_acc']:.1f}", stage0["micro_mme_acc"] >= GENERAL_ACC),
         Target(f"base micro POPE accuracy >= {GENERAL_ACC:.0f} % (balanced yes/no)",
