@@ -195,11 +195,21 @@ def stages_figure(groups: dict[str, list[Run]], title: str, panels: list[tuple[s
             ax.errorbar(stages, means, yerr=errors, label=name, capsize=3, **series(i))
         ax.set(xlabel=xlabel, ylabel=label, title=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    axes.flat[0].legend()
+    place_legend(fig, list(axes.flat), len(panels))
     fig.suptitle(title)
     return fig
+
+
+def place_legend(fig, axes: list, used: int) -> None:
+    """One legend for every panel: in the first unused panel, or right of the figure, so that
+    it never hides a line however many methods are compared."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[used:]:
+        ax.axis("off")
+    if used < len(axes):
+        axes[used].legend(handles, labels, loc="center", ncols=1 + len(labels) // 13)
+    else:
+        fig.legend(handles, labels, loc="outside right upper")
 
 
 def spectra_figure(run: Run):

@@ -345,3 +345,25 @@ def test_stage_spectra_for_each_consolidation_and_half_precision_factors() -> No
     full = sac_delta(factors.product().double(), 0.3)
     assert torch.allclose(torch.tensor(sac["after"]).double(), torch.linalg.svdvals(full)[:3],
                           rtol=1e-5)
+
+
+@pytest.mark.parametrize("panels", [5, 2])
+def test_the_legend_of_many_methods_hides_no_panel(panels: int) -> None:
+    from reports.figures import place_legend
+    from reports.style import pyplot
+
+    plt = pyplot()
+    columns = min(panels, 3)
+    fig, axes = plt.subplots(-(-panels // columns), columns, squeeze=False,
+                             layout="constrained")
+    axes = list(axes.flat)
+    for ax in axes[:panels]:
+        for i in range(23):
+            ax.plot([0, 1, 2], [i, i + 1, i], label=f"method {i}")
+    place_legend(fig, axes, panels)
+    fig.canvas.draw()
+    legend = axes[panels].get_legend() if panels < len(axes) else fig.legends[0]
+    assert len(legend.get_texts()) == 23 and all(ax.get_legend() is None for ax in axes[:panels])
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in axes[:panels])
+    plt.close(fig)
