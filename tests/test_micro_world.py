@@ -199,10 +199,11 @@ def leftmost_bar_colour(image: Image.Image) -> str:
     pixels = image.convert("RGB").load()
     for x in range(6, image.width):
         for y in range(4, image.height - 4):
-            nearest = min(CHART_COLOURS, key=lambda c: sum(
-                abs(a - b) for a, b in zip(COLOURS[c], pixels[x, y], strict=True)))
-            if sum(abs(a - b) for a, b in zip(COLOURS[nearest], pixels[x, y],
-                                              strict=True)) < 90:
+            def distance(colour: str, pixel=pixels[x, y]) -> int:
+                return sum(abs(a - b) for a, b in zip(COLOURS[colour], pixel, strict=True))
+
+            nearest = min(CHART_COLOURS, key=distance)
+            if distance(nearest) < 90:
                 return nearest
     raise AssertionError("no bar found")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tasks.micro import draw
@@ -69,7 +69,7 @@ def generate(task: MicroTask, seed: int, split: str, n: int, size: int) -> Itera
         yield task.make(rng_for(seed, task.name, split, i), slot, split, size)
 
 
-def options_block(options: list[str], split: str, index_style: bool) -> str:
+def options_block(options: Sequence[str], split: str, index_style: bool) -> str:
     """'A. x\\nB. y...' (or '0. x\\n1. y...' for IconQA-style test files)."""
     labels = [str(i) for i in range(len(options))] if index_style else LETTERS
     return "\n".join(f"{label}. {o}" for label, o in zip(labels, options, strict=False))
@@ -114,7 +114,7 @@ def arxivqa(rng: random.Random, slot: tuple, split: str, size: int) -> Example:
         heights, colours = chart(rng, rng.choice((2, 3, 3, 4, 4)))
         if chart_answer(kind, heights, colours) == CHART_COLOURS[position]:
             break
-    question = (f"{CHART_QUESTIONS[kind]}\n{options_block(list(CHART_COLOURS), split, False)}\n"
+    question = (f"{CHART_QUESTIONS[kind]}\n{options_block(CHART_COLOURS, split, False)}\n"
                 f"{INSTRUCTIONS['ArxivQA']}")
     return Example(question, LETTERS[position], draw.chart_image(heights, colours, size, rng))
 
@@ -167,7 +167,7 @@ def iconqa(rng: random.Random, slot: tuple, split: str, size: int) -> Example:
     colour = rng.choice(list(COLOURS))
     things = place([(colour, s) for s in shapes], rng)
     index_style = split == "test"
-    block = options_block(list(ICON_OPTIONS[kind]), split, index_style)
+    block = options_block(ICON_OPTIONS[kind], split, index_style)
     question = f"{q}\n{block}\n{INSTRUCTIONS['IconQA']}"
     label = str(position) if index_style else LETTERS[position]
     return Example(question, label, draw.scene_image(things, size, rng))
