@@ -38,6 +38,8 @@ FULL_SENTENCE_WORDS = 5.0  # mean words of the base's answers to open probes
 SHORT_SHARE = 0.1  # at most this share of the base's probe answers are short phrases
 FORGETTING_BWT = -10.0  # sequential fine-tuning forgets: BWT at most this
 MME_DROP = 10.0  # ... and micro MME falls by at least this many points
+SHRINK = 0.7  # ... and the median probe answer is at most this fraction of the base's
+TASK_FORMAT_SHARE = 0.5  # ... and at least this share of probe answers is in a task's format
 
 
 @dataclass
@@ -135,9 +137,13 @@ def sequence_targets(folder: Path, wall: float, record: dict) -> list[Target]:
         Target("base answers open probes in full sentences (mean words, short share)",
                f"{start['mean_words']:.1f} words, {100 * start['short_share']:.0f} % short",
                start["mean_words"] >= FULL_SENTENCE_WORDS and start["short_share"] <= SHORT_SHARE),
-        Target("finetune shortens the answers to open probes",
-               f"{start['mean_words']:.1f} -> {end['mean_words']:.1f} words",
-               end["mean_words"] < 0.7 * start["mean_words"]),
+        Target("finetune shortens and task-formats the answers to open probes (median words, "
+               "task-format share)",
+               f"median {start['median_words']:g} -> {end['median_words']:g} words (mean "
+               f"{start['mean_words']:.1f} -> {end['mean_words']:.1f}), task format "
+               f"{100 * end['learned_format_share']:.0f} %",
+               end["median_words"] <= SHRINK * start["median_words"]
+               and end["learned_format_share"] >= TASK_FORMAT_SHARE),
         Target("run's stage-0 scores equal the base record's (two decimals)",
                "equal" if stage0 == built else f"run {stage0} vs build {built}", stage0 == built),
     ]

@@ -179,6 +179,17 @@ def cmd_sweep_alpha(args: argparse.Namespace) -> None:
     print(sweep_alpha(args.run_dir, args.stage, parse_alphas(args.alphas), overrides))
 
 
+@command("alpha-regions")
+def cmd_alpha_regions(args: argparse.Namespace) -> None:
+    from reports.alpha_regions import alpha_regions, read_sweep
+
+    sweeps = []
+    for item in args.sweeps:
+        label, sep, folder = item.rpartition("=")
+        sweeps.append(read_sweep(Path(folder), label if sep else None))
+    print(alpha_regions(sweeps, args.general, args.tolerance, args.out), end="")
+
+
 def method_sets(items: list[str]) -> dict[str, str]:
     """``--set method.KEY=VALUE`` items as method options (values converted by the method)."""
     options = {}
@@ -293,6 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "sac, modelmix; default: the run's)")
     sweep.add_argument("--set", action="append", default=[], metavar="method.KEY=VALUE",
                        help="another method option for the swept stage")
+
+    regions = sub.add_parser(
+        "alpha-regions", help="LLaVA-c Figure 4's General-stable, Task-stable and Ideal "
+        "regions from alpha sweeps (same label over seeds: averaged)")
+    regions.add_argument("sweeps", nargs="+", metavar="[LABEL=]SWEEP_DIR",
+                         help="sweep folders (RUN/sweeps/stage_N[_options]); the label "
+                         "defaults to the run's method and the swept options")
+    regions.add_argument("--general", metavar="BENCH/METRIC",
+                         help="the general score (e.g. micro_mme/acc; default: the first)")
+    regions.add_argument("--tolerance", type=float, default=0.1,
+                         help="a score holds while within this fraction of its alpha 0-1 "
+                         "swing of its value at the region's fixed end (default 0.1)")
+    regions.add_argument("--out", type=Path, help="also write alpha_regions.md and the figure "
+                         "(PNG, PDF) in this folder")
 
     from cl_bench.analysis.commands import add_analysis_parsers
 

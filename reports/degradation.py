@@ -39,10 +39,11 @@ def probes_section(summary: dict) -> str:
     probes = summary.get("probes")
     if not probes:
         return ""
-    header = ["stage", "mean words", "vs start", "short", "one word", "option letter",
+    header = ["stage", "mean words", "vs start", "median words", "short", "one word", "option letter",
               "learned tasks' format (start)", "language shift"]
     rows = [
         [str(p["stage"]), _fmt(p["mean_words"]), _fmt(p.get("length_ratio")),
+         _fmt(p.get("median_words")),
          _fmt(p["short_share"], True), _fmt(p["one_word_share"], True),
          _fmt(p["option_share"], True),
          f"{_fmt(p['learned_format_share'], True)} ({_fmt(p['start_learned_format_share'], True)})",

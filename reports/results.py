@@ -22,7 +22,7 @@ Columns (every frame starts with ``run`` (the folder's path), ``method``, ``suit
 - ``general_frame``: one row per run, stage, benchmark and metric: ``stage``, ``benchmark``,
   ``metric``, ``value``.
 - ``probes_frame``: one row per run and probed stage: ``stage`` and the probe numbers
-  (``mean_words``, ``length_ratio``, ``short_share``, ``one_word_share``, ``option_share``,
+  (``mean_words``, ``length_ratio``, ``median_words``, ``short_share``, ``one_word_share``, ``option_share``,
   ``learned_format_share``, ``start_learned_format_share``, ``language_shift``).
 - ``predictions_frame``: one row per generated answer: ``stage``, ``task``, ``question_id``,
   ``question``, ``prediction``, ``references`` (a list), ``score``.
@@ -47,7 +47,7 @@ from cl_bench.errors import CLBenchError
 METRICS = ("Avg", "Last", "MFT", "MAA", "BWT", "FWT", "Forgetting")
 FOOTPRINT_COLUMNS = ("Trained (M)", "Added at inference (M)", "Kept (MB)")
 PROBE_NUMBERS = (
-    "mean_words", "length_ratio", "short_share", "one_word_share", "option_share",
+    "mean_words", "length_ratio", "median_words", "short_share", "one_word_share", "option_share",
     "learned_format_share", "start_learned_format_share", "language_shift",
 )
 GRID_MANIFEST = "grid.json"

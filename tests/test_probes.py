@@ -20,6 +20,7 @@ from cl_bench.evaluation.probes import (
     language_shift,
     load_inquiries,
     mean_words,
+    median_words,
     pick_examples,
     probe_metrics,
     run_probes,
@@ -36,6 +37,9 @@ def test_lengths_and_shares() -> None:
         True, True, True, True, False, False, False]
     assert share(answers, is_option_letter) == pytest.approx(1 / 5)
     assert mean_words([]) == 0.0 and share([], is_short) == 0.0
+    # the median: 0 1 3 5 5 -> 3; an answer looping to the token limit moves the mean, not it
+    assert median_words(answers) == 3.0 and median_words([*answers, "one " * 64]) == 4.0
+    assert median_words([]) == 0.0
 
 
 def test_task_formats_are_learned_from_training_answers() -> None:
@@ -73,6 +77,7 @@ def test_probe_metrics_hand_case() -> None:
     m = probe_metrics(now, start, formats, ["Opt"], shift=0.5)
     assert m["mean_words"] == 1.0 and m["start_mean_words"] == 6.5
     assert m["length_ratio"] == pytest.approx(1 / 6.5)
+    assert m["median_words"] == 1.0 and m["start_median_words"] == 6.5
     assert m["short_share"] == 1.0 and m["one_word_share"] == 1.0 and m["option_share"] == 0.5
     assert m["format_share"] == {"Opt": 0.5, "Word": 0.5}
     assert m["learned_format_share"] == 0.5 and m["start_learned_format_share"] == 0.0

@@ -73,7 +73,8 @@ class Degradation:
                 self.learned(stage), method_hook(method, model, "probes"),
             )
             p = out["probes"]
-            log(f"stage {stage}: probes mean words {p['mean_words']:.1f}, short "
+            log(f"stage {stage}: probes words mean {p['mean_words']:.1f} median "
+                f"{p['median_words']:g}, short "
                 f"{100 * p['short_share']:.0f}%, language shift {p['language_shift']:.3f}")
         elif self.inquiries:
             log(f"stage {stage}: probes skipped (the starting model was not probed at stage 0)")

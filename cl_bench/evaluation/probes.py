@@ -3,7 +3,8 @@
 After every stage the model as the method assembles it answers a fixed set of open inquiries
 (text-only and with an image, no format instruction). Measured against the starting model:
 
-- format collapse: mean answer length (words) and its ratio to the starting model's, the share
+- format collapse: mean answer length (words) and its ratio to the starting model's, the median
+  length (which answers that loop until the token limit do not inflate), the share
   of one-word and of short (at most ``SHORT_WORDS`` words) answers, the share of lone option
   letters, and the share of answers in each task's own answer format (learned from its training
   answers: option letter, a caption's typical opening, a known single-word answer);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +84,10 @@ def word_count(text: str) -> int:
 
 def mean_words(answers: Sequence[str]) -> float:
     return sum(map(word_count, answers)) / len(answers) if answers else 0.0
+
+
+def median_words(answers: Sequence[str]) -> float:
+    return float(statistics.median(map(word_count, answers))) if answers else 0.0
 
 
 def share(answers: Sequence[str], matches: Matcher) -> float:
@@ -194,6 +200,8 @@ def probe_metrics(
         "mean_words": mean_words(answers),
         "start_mean_words": start_words,
         "length_ratio": mean_words(answers) / start_words if start_words else None,
+        "median_words": median_words(answers),
+        "start_median_words": median_words(start_answers),
         "short_share": share(answers, is_short),
         "one_word_share": share(answers, is_one_word),
         "option_share": share(answers, is_option_letter),
