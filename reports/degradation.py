@@ -39,8 +39,8 @@ def probes_section(summary: dict) -> str:
     probes = summary.get("probes")
     if not probes:
         return ""
-    header = ["stage", "mean words", "vs start", "median words", "short", "one word", "option letter",
-              "learned tasks' format (start)", "language shift"]
+    header = ["stage", "mean words", "vs start", "median words", "short", "one word",
+              "option letter", "learned tasks' format (start)", "language shift"]
     rows = [
         [str(p["stage"]), _fmt(p["mean_words"]), _fmt(p.get("length_ratio")),
          _fmt(p.get("median_words")),

@@ -22,8 +22,8 @@ Columns (every frame starts with ``run`` (the folder's path), ``method``, ``suit
 - ``general_frame``: one row per run, stage, benchmark and metric: ``stage``, ``benchmark``,
   ``metric``, ``value``.
 - ``probes_frame``: one row per run and probed stage: ``stage`` and the probe numbers
-  (``mean_words``, ``length_ratio``, ``median_words``, ``short_share``, ``one_word_share``, ``option_share``,
-  ``learned_format_share``, ``start_learned_format_share``, ``language_shift``).
+  (``mean_words``, ``length_ratio``, ``median_words``, ``short_share``, ``one_word_share``,
+  ``option_share``, ``learned_format_share``, ``start_learned_format_share``, ``language_shift``).
 - ``predictions_frame``: one row per generated answer: ``stage``, ``task``, ``question_id``,
   ``question``, ``prediction``, ``references`` (a list), ``score``.
 - ``spectra_frame``: one row per singular value of a stored stage update (llava_c family):
