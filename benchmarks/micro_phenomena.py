@@ -59,12 +59,13 @@ def add_cells(table: Table) -> None:
                                      if s and None not in s])
 
 
-def find_row(table: Table, method: str, **options: str) -> Row | None:
-    """The row of ``method`` whose runs have these method options (``uir="l2"``)."""
+def find_row(table: Table, method: str, **options: tuple[str | None, ...]) -> Row | None:
+    """The row of ``method`` whose runs' method options take one of the given values (None:
+    left unset, i.e. the default)."""
     for row in table.rows:
         config = row.runs[0].config
         if row.method == method and all(
-            str(config.get(f"method.{k}")) == v for k, v in options.items()
+            config.get(f"method.{k}") in values for k, values in options.items()
         ):
             return row
     return None
@@ -108,8 +109,8 @@ def below_threshold(claim: str, row: Row | None, column: str, limit: float,
 def verdicts(table: Table) -> list[Verdict]:
     rows = {m: find_row(table, m) for m in ("finetune", "multitask", "modelmix", "hide_llava",
                                             "llava_c_sac", "llava_c_uir")}
-    llava_c = find_row(table, "llava_c", uir="mse") or find_row(table, "llava_c")
-    l2 = find_row(table, "llava_c", uir="l2")
+    llava_c = find_row(table, "llava_c", uir=(None, "mse"))
+    l2 = find_row(table, "llava_c", uir=("l2",))
     finetune = rows["finetune"]
     start = statistics.median(
         median_words(r.path, 0) or 0.0 for r in finetune.runs) if finetune else 0.0
@@ -126,6 +127,8 @@ def verdicts(table: Table) -> list[Verdict]:
         out.append(above(f"multitask above {row.label} (upper bound)",
                          rows["multitask"], row, "Last"))
     out += [
+        above("UIR costs no new-task learning: llava_c_uir's Last not below finetune's "
+              "(within noise or above holds)", rows["llava_c_uir"], finetune, "Last"),
         above("llava_c keeps general ability (open score)", llava_c, finetune, OPEN),
         above("llava_c keeps general ability (micro MME)", llava_c, finetune, MME),
         above("llava_c keeps general ability (micro MME over stages)", llava_c, finetune,

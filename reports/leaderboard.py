@@ -128,13 +128,16 @@ def row_label(run: Run, shared: list[str], own: list[str]) -> str:
     keys = [k for k in shared if not k.startswith("method.")] + own
     label = run.method
     if keys:
-        label += " (" + ", ".join(f"{k}={_value(run.config.get(k))}" for k in keys) + ")"
+        label += " (" + ", ".join(f"{k}={_value(run.config.get(k), k)}" for k in keys) + ")"
     if run.kind in BOUND_NAMES:
         label += f" [{BOUND_NAMES[run.kind]}]"
     return label
 
 
-def _value(value: object) -> str:
+def _value(value: object, key: str) -> str:
+    """A config value as a label shows it; a method option a run left unset is its default."""
+    if value is None and key.startswith("method."):
+        return "default"
     if isinstance(value, tuple):
         return "[" + ",".join(map(str, value)) + "]"
     return str(value)

@@ -175,7 +175,13 @@ def test_leaderboard_flags_mismatched_runs(runs: GridRuns, tmp_path: Path) -> No
                                                         "learning_rate: 0.001"))
     twin = tmp_path / "twin"
     shutil.copytree(runs.grid / "llava_c_sac-seed0", twin)
-    tables = build_tables([runs.unfinished, runs.grid, runs.other_order, changed, twin])
+    half = tmp_path / "alpha-half"
+    shutil.copytree(runs.grid / "llava_c_sac-seed0", half)
+    config = (half / "config.yaml").read_text()
+    assert "method_options: {}" in config
+    (half / "config.yaml").write_text(config.replace("method_options: {}",
+                                                     "method_options:\n  alpha: 0.5"))
+    tables = build_tables([runs.unfinished, runs.grid, runs.other_order, changed, twin, half])
     assert len(tables) == 2  # the other task order is a table of its own
     assert all("order" in t.title and "quick runs" in t.title for t in tables)
     main_table = next(t for t in tables if t.setting["order"] == ["ImageNet-R",
@@ -186,7 +192,11 @@ def test_leaderboard_flags_mismatched_runs(runs: GridRuns, tmp_path: Path) -> No
     finetune = row(main_table, "finetune (train.learning_rate=0.05)")
     assert [r.path for r in finetune.runs] == [runs.grid / "finetune-seed0",
                                                runs.grid / "finetune-seed1"]
-    assert len(row(main_table, "llava_c_sac (train.learning_rate=0.05)").runs) == 2
+    # a method option set in one run: the others' is the variant's default
+    sac = row(main_table, "llava_c_sac (train.learning_rate=0.05, method.alpha=default)")
+    assert len(sac.runs) == 2
+    assert row(main_table, "llava_c_sac (train.learning_rate=0.05, method.alpha=0.5)").runs[
+        0].path == half
     notes = "\n".join(main_table.notes)
     assert f"unfinished, not averaged: {runs.unfinished}" in notes
     assert "seed 0 appears twice" in notes and "seed 1 appears twice" not in notes
