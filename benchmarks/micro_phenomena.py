@@ -143,8 +143,8 @@ def verdicts(table: Table) -> list[Verdict]:
             out.append(above(f"Table 4: SAC & UIR above {name} ({column})", llava_c,
                              rows[name], column))
     for column in ("Last", OPEN):
-        out.append(above(f"UIR distance: MSE (eq. 9 text) vs L2 (eq. 8) ({column})",
-                         llava_c, l2, column))
+        out.append(above(f"UIR distance: MSE (eq. 9's text) above L2 (eq. 8's norm) on "
+                         f"{column} (the paper names no direction)", llava_c, l2, column))
     return out
 
 
