@@ -59,6 +59,22 @@ def mutants(path: str, *triples: tuple[str, str, str]) -> tuple[Mutant, ...]:
     return tuple(Mutant(path, find, replace, bug) for find, replace, bug in triples)
 
 
+ALPHA_REGIONS = mutants(
+    "reports/alpha_regions.py",
+    ("    end = next((i for i, ok in enumerate(general_ok) if not ok), len(xs)) - 1",
+     "    end = max(i for i, ok in enumerate(general_ok) if ok)",
+     "the General-stable region jumps over a dip (not its first miss)"),
+    ("    task_ok = holds(ts, ts[-1], ts[0], tolerance)",
+     "    task_ok = holds(ts, ts[-1], 0.0, tolerance)",
+     "the task swing is measured from zero, not from alpha 0's score"),
+    ("        if self.task_stable_start <= self.general_stable_end:",
+     "        if self.task_stable_start < self.general_stable_end:",
+     "an Ideal region of one alpha is dropped"),
+    ('    grouped = pd.concat(frames).groupby(["label", "alpha"], sort=False)',
+     '    grouped = pd.concat(frames[:1]).groupby(["label", "alpha"], sort=False)',
+     "only the first sweep of a label is averaged"),
+)
+
 METRICS = mutants(
     "cl_bench/metrics.py",
     ("as_matrix(matrix)[-1].mean()", "as_matrix(matrix)[-2].mean()",
@@ -628,6 +644,7 @@ MODULES = (
                       "tests/test_baseline_runs.py", "-k",
                       "resum or contract or bad_input or olora"), RESUME),
     Module("sweep", ("tests/test_llava_c.py", "-k", "sweep"), SWEEP),
+    Module("alpha_regions", ("tests/test_alpha_regions.py",), ALPHA_REGIONS),
     Module("prompts", ("tests/test_method_effects_routed.py", "tests/test_l2p.py",
                        "tests/test_modalprompt.py", "-m", "not slow", "-k",
                        "l2p or modalprompt"), PROMPTS),

@@ -20,6 +20,8 @@ def test_regions_hand_computed() -> None:
     assert regions.ideal is None
     # the general score holds up to 0.75 (47 >= 46): Ideal region [0.5, 0.75]
     assert find_regions(ALPHAS, TASK, [50, 49, 48, 47, 10], 0.1).ideal == (0.5, 0.75)
+    # the regions meet at one alpha (general holds to 0.5, task from 0.5): an Ideal point
+    assert find_regions(ALPHAS, TASK, [50, 49, 48, 30, 10], 0.1).ideal == (0.5, 0.5)
     # a region ends at the first miss: recovering later does not extend it
     dipped = find_regions(ALPHAS, [0, 20, 5, 19, 20], [50, 40, 49, 49, 10], 0.1)
     assert dipped == Regions(general_stable_end=0.0, task_stable_start=0.75)
