@@ -132,7 +132,7 @@ def sequence_targets(folder: Path, wall: float, record: dict) -> list[Target]:
                f"Avg {summary['Avg']:.1f}, Last {summary['Last']:.1f}, BWT {summary['BWT']:.1f}",
                summary["BWT"] <= FORGETTING_BWT and summary["Last"] < summary["Avg"]),
         Target(f"finetune degrades the base: micro MME falls >= {MME_DROP:.0f} points",
-               f"{mme[0]} -> {mme[-1]}",
+               f"{mme[0]:.1f} -> {mme[-1]:.1f}" if None not in (mme[0], mme[-1]) else f"{mme}",
                None not in (mme[0], mme[-1]) and mme[0] - mme[-1] >= MME_DROP),
         Target("base answers open probes in full sentences (mean words, short share)",
                f"{start['mean_words']:.1f} words, {100 * start['short_share']:.0f} % short",
