@@ -20,6 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from cl_bench.evaluation.probes import median_words
 from reports.leaderboard import Cell, Row, Table, build_tables
 
 MME, OPEN = "micro_mme/acc", "micro_open/score"
@@ -37,13 +38,14 @@ class Verdict:
     verdict: str
 
 
-def median_words(run_dir: Path, stage: int) -> float | None:
-    """The median words of a stage's answers to the open probes (``probes/stage_<t>.jsonl``)."""
+def stage_median_words(run_dir: Path, stage: int) -> float | None:
+    """The median words of a stage's answers to the open probes (``probes/stage_<t>.jsonl``;
+    runs from before the probes recorded it)."""
     file = run_dir / "probes" / f"stage_{stage}.jsonl"
     if not file.is_file():
         return None
-    answers = [json.loads(line)["answer"] for line in file.read_text().splitlines() if line]
-    return float(statistics.median(len(a.split()) for a in answers)) if answers else None
+    return median_words([json.loads(line)["answer"] for line in file.read_text().splitlines()
+                         if line])
 
 
 def add_cells(table: Table) -> None:
@@ -51,7 +53,7 @@ def add_cells(table: Table) -> None:
     micro MME averaged over the stages after stage 0 (general ability along the sequence, not
     only at its end)."""
     for row in table.rows:
-        medians = [median_words(r.path, len(r.records) - 1) for r in row.runs]
+        medians = [stage_median_words(r.path, len(r.records) - 1) for r in row.runs]
         row.cells["median words"] = Cell([v for v in medians if v is not None])
         bench, metric = MME.split("/")
         series = [r.general().get(bench, {}).get(metric, [])[1:] for r in row.runs]
@@ -113,7 +115,7 @@ def verdicts(table: Table) -> list[Verdict]:
     l2 = find_row(table, "llava_c", uir=("l2",))
     finetune = rows["finetune"]
     start = statistics.median(
-        median_words(r.path, 0) or 0.0 for r in finetune.runs) if finetune else 0.0
+        stage_median_words(r.path, 0) or 0.0 for r in finetune.runs) if finetune else 0.0
     out = [
         below_threshold("finetune forgets (BWT clearly negative)", finetune, "BWT",
                         FORGETTING_BWT, at_most=True),

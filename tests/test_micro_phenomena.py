@@ -41,5 +41,5 @@ def test_median_words_of_a_stage(tmp_path: Path) -> None:
     answers = ["A", "one one one one one one", "a red square", "B", "It is a cat."]
     (probes / "stage_2.jsonl").write_text(
         "\n".join(json.dumps({"id": str(i), "answer": a}) for i, a in enumerate(answers)))
-    assert phenomena.median_words(tmp_path, 2) == 3.0  # 1 1 3 4 6
-    assert phenomena.median_words(tmp_path, 3) is None
+    assert phenomena.stage_median_words(tmp_path, 2) == 3.0  # 1 1 3 4 6
+    assert phenomena.stage_median_words(tmp_path, 3) is None
