@@ -6,8 +6,9 @@ ordering the papers report with the measured numbers and a verdict: ``shows`` wh
 differ in the papers' direction by more than the larger of the two stds (for a threshold, by
 more than the row's std), ``within noise`` when by less, ``reversed`` when in the other
 direction beyond it. Runs needed (``clbench run --seeds 0,1,2 --method ...``): zeroshot,
-finetune, multitask, modelmix, llava_c, llava_c_sac, llava_c_uir, hide_llava, and llava_c
-with ``--set method.uir=l2`` in a folder of its own.
+finetune, multitask, modelmix, llava_c, llava_c_sac, llava_c_uir, llava_c_fkl, llava_c_replay,
+hide_llava, and llava_c with ``--set method.uir=l2`` in a folder of its own; orderings whose
+runs are missing say so.
 
     python benchmarks/micro_phenomena.py runs/grid runs/l2 > phenomena.md
 """
@@ -28,7 +29,7 @@ FORGETTING_BWT = -10.0  # finetune forgets: BWT at most this
 MME_DROP = 10.0  # finetune degrades the base: micro MME falls by at least this
 SHRINK = 0.7  # ... and the median probe answer is at most this fraction of the base's
 MME_ALONG = f"{MME} over stages"
-COLUMNS = ("Avg", "Last", "BWT", MME, f"{MME} drop", MME_ALONG, OPEN, "median words")
+COLUMNS = ("Avg", "Last", "MFT", "BWT", MME, f"{MME} drop", MME_ALONG, OPEN, "median words")
 
 
 @dataclass
@@ -110,7 +111,8 @@ def below_threshold(claim: str, row: Row | None, column: str, limit: float,
 
 def verdicts(table: Table) -> list[Verdict]:
     rows = {m: find_row(table, m) for m in ("finetune", "multitask", "modelmix", "hide_llava",
-                                            "llava_c_sac", "llava_c_uir")}
+                                            "llava_c_sac", "llava_c_uir", "llava_c_fkl",
+                                            "llava_c_replay")}
     llava_c = find_row(table, "llava_c", uir=(None, "mse"))
     l2 = find_row(table, "llava_c", uir=("l2",))
     finetune = rows["finetune"]
@@ -144,6 +146,13 @@ def verdicts(table: Table) -> list[Verdict]:
                              finetune, column))
             out.append(above(f"Table 4: SAC & UIR above {name} ({column})", llava_c,
                              rows[name], column))
+    for name in ("llava_c_fkl", "llava_c_replay"):  # LLaVA-c Figure 9, on top of SAC
+        out.append(above(f"Fig. 9: {name} keeps more general ability than SAC alone ({OPEN})",
+                         rows[name], rows["llava_c_sac"], OPEN))
+        out.append(above(f"Fig. 9: UIR (MSE) learns more than {name} (MFT)", llava_c, rows[name],
+                         "MFT"))
+    out.append(above(f"Fig. 9: data replay keeps more general ability than FKL ({OPEN})",
+                     rows["llava_c_replay"], rows["llava_c_fkl"], OPEN))
     for column in ("Last", OPEN):
         out.append(above(f"UIR distance: MSE (eq. 9's text) above L2 (eq. 8's norm) on "
                          f"{column} (the paper names no direction)", llava_c, l2, column))
