@@ -72,7 +72,6 @@ class Sweep:
 
     path: Path
     label: str
-    stage: int
     task: str
     frame: pd.DataFrame
 
@@ -96,7 +95,7 @@ def read_sweep(folder: Path, label: str | None = None) -> Sweep:
         raise CLBenchError(f"{file}: not JSON ({err.msg})") from None
     frame = flatten_rows(rows, run.tasks)
     name = label or (f"{run.method} ({options.replace('_', ', ')})" if options else run.method)
-    return Sweep(folder, name, stage, trained[0][0], frame)
+    return Sweep(folder, name, trained[0][0], frame)
 
 
 def mean_curves(sweeps: list[Sweep], general: str) -> pd.DataFrame:
@@ -154,10 +153,8 @@ def plot_regions(curves: pd.DataFrame, table: pd.DataFrame, task: str, general: 
             ax.fill_between(curve["alpha"], mean - std, mean + std, color=style["color"],
                             alpha=0.12, linewidth=0)
             ax.axvline(mark, color=style["color"], linestyle=style["linestyle"], linewidth=1)
-            if row["Ideal region"] != "none":
-                ax.axvspan(row["alpha_2 (Task-stable start)"],
-                           row["alpha_1 (General-stable end)"], color=style["color"],
-                           alpha=0.08, hatch="//", linewidth=0)
+            if a2 <= a1:  # the Ideal region [alpha_2, alpha_1]
+                ax.axvspan(a2, a1, color=style["color"], alpha=0.08, hatch="//", linewidth=0)
     left.set(xlabel="mix ratio alpha", ylabel="score",
              title=f"{task} (the swept stage's task); vertical: alpha_2")
     right.set(xlabel="mix ratio alpha", ylabel="score", title=f"{general}; vertical: alpha_1")
