@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,8 +92,11 @@ def corpus(data: Path) -> list[str]:
     return texts
 
 
-def build_base(data: Path, out: Path, build: BaseBuildConfig) -> None:
-    """Run every phase; writes ``clip/``, ``aligned/`` and ``llava/`` under ``out``."""
+def build_base(data: Path, out: Path, build: BaseBuildConfig) -> dict[str, float]:
+    """Run every phase; writes ``clip/``, ``aligned/`` and ``llava/`` under ``out``. Returns the
+    seconds each phase took."""
+    started = time.time()
+    seconds = {}
     torch.manual_seed(build.seed)
     log("training the tokenizer")
     tokenizer = train_tokenizer(corpus(data), build.tiny.vocab_size)
@@ -103,6 +107,7 @@ def build_base(data: Path, out: Path, build: BaseBuildConfig) -> None:
     clip.save_pretrained(out / "clip")
     tokenizer.save_pretrained(out / "clip")
     image_processor(build.tiny).save_pretrained(out / "clip")
+    seconds["tokenizer+clip"] = round(time.time() - started, 1)
 
     llava = build_llava(build.tiny, tokenizer)
     llava.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
@@ -119,11 +124,14 @@ def build_base(data: Path, out: Path, build: BaseBuildConfig) -> None:
     )
     for what, name, phase, trainable, samples in phases:
         log(f"{what}: {phase.steps} steps on {len(samples)} samples")
+        started = time.time()
         set_trainable(llava, trainable)
         train_phase(llava, bundle, samples, phase, out / "trainer", build.seed)
         if name == "align":
             save_llava(llava, processor, out / "aligned")
+        seconds[name] = round(time.time() - started, 1)
     save_llava(llava, processor, out / "llava")
+    return seconds
 
 
 def set_trainable(llava, parts: str) -> None:

@@ -86,6 +86,18 @@ def sides(rng: random.Random) -> Fact:
     return f"How many {word} does {article(shape)} {shape} have?", answer
 
 
+def shape_difference(rng: random.Random) -> Fact:
+    a, b = rng.sample(SHAPES, 2)
+    question = rng.choice((f"How is {article(a)} {a} different from {article(b)} {b}?",
+                           f"What is the difference between {plural(a)} and {plural(b)}?"))
+    return question, f"{cap(article(a))} {a} has {edges(a)}, while {article(b)} {b} has {edges(b)}."
+
+
+def edges(shape: str) -> str:
+    n = SIDES_OF[shape]
+    return f"{number_word(n)} sides" if n else "no corners and is round"
+
+
 def mixing(rng: random.Random) -> Fact:
     a, b, c = rng.choice(MIXES)
     return f"What colour do you get by mixing {a} and {b}?", f"Mixing {a} and {b} gives {c}."
@@ -182,7 +194,7 @@ def letter_fact(rng: random.Random) -> Fact:
 
 
 FACTS: tuple[Callable[[random.Random], Fact], ...] = (
-    sides, mixing, arithmetic, bigger, opposite, successor, thing_colour, shape_fact,
+    sides, shape_difference, mixing, arithmetic, bigger, opposite, successor, thing_colour, shape_fact,
     colour_fact, chart_fact, object_fact, style_fact, photo_fact, relation_fact, letter_fact,
 )
 

@@ -42,6 +42,8 @@ DESCRIBE_PROMPTS = (
     "What is in this picture?",
     "What does the image show?",
     "Can you describe this image?",
+    "What is happening in this image?",
+    "What is going on here?",
 )
 YES_NO_SUFFIX = " Please answer yes or no."
 
@@ -152,11 +154,17 @@ def bar_chart(rng: random.Random, size: int) -> Example:
     heights = rng.sample(BAR_LEVELS, n)
     colours = rng.sample(list(COLOURS), n)
     tallest = colours[heights.index(max(heights))]
+    shortest = colours[heights.index(min(heights))]
     question, answer = rng.choice((
         ("Describe the chart.",
          f"The chart shows {number_word(n)} bars: {join(colours)}, from left to right."),
         ("How many bars are in the chart?", f"There are {number_word(n)} bars in the chart."),
         ("Which bar is the tallest?", f"The {tallest} bar is the tallest."),
+        ("Which bar is the shortest?", f"The {shortest} bar is the shortest."),
+        (f"What colour is the {rng.choice(('leftmost', 'first'))} bar?",
+         f"The leftmost bar is {colours[0]}."),
+        (f"What colour is the {rng.choice(('rightmost', 'last'))} bar?",
+         f"The rightmost bar is {colours[-1]}."),
         (rng.choice(DESCRIBE_PROMPTS), f"The image shows a bar chart with {number_word(n)} bars."),
     ))
     return Example(question, answer, draw.chart_image(heights, colours, size, rng),

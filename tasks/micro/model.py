@@ -113,10 +113,18 @@ def build_clip(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> CLIPModel
     return CLIPModel(config)
 
 
+FEATURE_STRATEGY = "full"
+
+
 def build_llava(
     cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast
 ) -> LlavaForConditionalGeneration:
-    """A tiny LLaVA-1.5: Llama text model, CLIP vision tower, two-layer MLP projector."""
+    """A tiny LLaVA-1.5: Llama text model, CLIP vision tower, two-layer MLP projector.
+
+    The language model reads the class token beside the patches (``full``; LLaVA-1.5 drops it):
+    the class token is what the tiny CLIP's contrastive loss trains, and with three vision
+    layers it holds the image's summary (object class, counts) that 8 px patches do not.
+    """
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.text_hidden,
@@ -130,13 +138,13 @@ def build_llava(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1  # the patches and the class token
     config = LlavaConfig(
         vision_config=vision_config(cfg).to_dict() | {"model_type": "clip_vision_model"},
         text_config=text.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_patches,
-        vision_feature_select_strategy="default",
+        image_seq_length=n_tokens,
+        vision_feature_select_strategy=FEATURE_STRATEGY,
         vision_feature_layer=-1,
     )
     return LlavaForConditionalGeneration(config)
@@ -147,7 +155,7 @@ def llava_processor(cfg: TinyConfig, tokenizer: PreTrainedTokenizerFast) -> Llav
         image_processor=image_processor(cfg),
         tokenizer=tokenizer,
         patch_size=cfg.patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=FEATURE_STRATEGY,
         num_additional_image_tokens=1,
     )
 

@@ -7,7 +7,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 Colour = tuple[int, int, int]
 
