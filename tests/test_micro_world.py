@@ -11,7 +11,7 @@ from PIL import Image
 
 from tasks.loaders import load_samples
 from tasks.micro.fingerprint import tree_sha256
-from tasks.micro.general import GENERAL_MIX
+from tasks.micro.general import GENERAL_MIX, WORD_INSTRUCTION
 from tasks.micro.mix665k import MIX_DIR, MIX_SOURCES
 from tasks.micro.scene import plural
 from tasks.micro.tasks import (
@@ -156,15 +156,23 @@ def test_iconqa_test_uses_index_options_and_train_letters(world: Path) -> None:
     assert all(r["conversations"][1]["value"] in "ABCD" for r in train)
 
 
-def test_general_mix_has_no_task_format(world: Path) -> None:
-    instructions = {t.instruction for t in UCIT_TASKS}
+def test_general_mix_has_no_task_format_but_llava_short_answers(world: Path) -> None:
+    """Full sentences, except one-word answers under LLaVA-1.5's short-answer instruction (which
+    ImageNet-R and CLEVR-Math share, as with the real LLaVA-1.5) and yes/no answers; never the
+    option or caption tasks' instructions."""
+    instructions = {t.instruction for t in UCIT_TASKS} - {WORD_INSTRUCTION}
     records = load(world / "general" / "train.json")
     assert any("image" not in r for r in records) and any("image" in r for r in records)
     for r in records:
         human, gpt = (c["value"] for c in r["conversations"])
         assert not any(i in human for i in instructions)
         assert ("<image>" in human) == ("image" in r) == ("caption" in r)
-        assert gpt.endswith(".") and gpt[0].isupper()  # a full sentence
+        if r["category"] == "short":
+            assert human.endswith(WORD_INSTRUCTION) and gpt.isalpha() and gpt.islower()
+        else:
+            assert WORD_INSTRUCTION not in human
+            assert gpt.endswith(".") and gpt[0].isupper()  # a full sentence
+    assert sum(r["category"] == "short" for r in records) >= len(records) // 20
     for name in ("inquiries", "probes"):
         for r in load(world / "general" / f"{name}.json"):
             assert set(r) <= {"id", "text", "image", "category"} and "answer" not in r

@@ -194,8 +194,9 @@ def letter_fact(rng: random.Random) -> Fact:
 
 
 FACTS: tuple[Callable[[random.Random], Fact], ...] = (
-    sides, shape_difference, mixing, arithmetic, bigger, opposite, successor, thing_colour, shape_fact,
-    colour_fact, chart_fact, object_fact, style_fact, photo_fact, relation_fact, letter_fact,
+    sides, shape_difference, mixing, arithmetic, bigger, opposite, successor, thing_colour,
+    shape_fact, colour_fact, chart_fact, object_fact, style_fact, photo_fact, relation_fact,
+    letter_fact,
 )
 
 

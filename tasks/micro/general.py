@@ -1,7 +1,9 @@
 """The general instruction mix (the LLaVA-665k analogue), text-only inquiries and open probes.
 
-Answers are full sentences. The mix teaches the vocabulary the tasks use (colours, shapes,
-counts, positions, chart words) but none of the tasks' instructions or answer formats.
+Answers are full sentences, except under LLaVA-1.5's short-answer instruction (one word) and in
+yes/no questions. The mix teaches the vocabulary the tasks use (colours, shapes, counts,
+positions, chart words) and, as LLaVA-1.5's mix does, the single-word answer format of ImageNet-R
+and CLEVR-Math; never a task's images, option letters or captions.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 
+from tasks.llava665k import WORD as WORD_INSTRUCTION  # LLaVA-1.5's VQAv2 and GQA records
 from tasks.micro import draw
 from tasks.micro.facts import text_fact
 from tasks.micro.records import Example
@@ -64,17 +67,21 @@ def describe_scene(rng: random.Random, size: int) -> Example:
                    caption=describe(things))
 
 
+def with_unique(rng: random.Random, key: Callable[[Thing], str]) -> tuple[list[Thing], Thing]:
+    """A scene of 1-4 things and one of them that no other shares ``key`` with."""
+    things = scene_with(rng, 1, 4, lambda t: bool(unique(t, key)))
+    return things, rng.choice(unique(things, key))
+
+
 def colour_of(rng: random.Random, size: int) -> Example:
-    things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.shape)))
-    t = rng.choice(unique(things, lambda x: x.shape))
+    things, t = with_unique(rng, lambda x: x.shape)
     return Example(f"What colour is the {t.shape}?", f"The {t.shape} is {t.colour}.",
                    draw.scene_image(things, size, rng),
                    caption=describe(things))
 
 
 def shape_of(rng: random.Random, size: int) -> Example:
-    things = scene_with(rng, 1, 4, lambda t: bool(unique(t, lambda x: x.colour)))
-    t = rng.choice(unique(things, lambda x: x.colour))
+    things, t = with_unique(rng, lambda x: x.colour)
     return Example(f"What shape is the {t.colour} object?",
                    f"The {t.colour} object is {article(t.shape)} {t.shape}.",
                    draw.scene_image(things, size, rng),
@@ -90,10 +97,15 @@ def count_all(rng: random.Random, size: int) -> Example:
                    caption=describe(things))
 
 
-def count_shape(rng: random.Random, size: int) -> Example:
+def shape_count(rng: random.Random) -> tuple[list[Thing], str, int]:
+    """A scene of 1-5 things, a shape (present or not) and how many things have it."""
     things = scene_with(rng, 1, 5)
     shape = rng.choice([t.shape for t in things] + list(SHAPES))
-    n = sum(t.shape == shape for t in things)
+    return things, shape, sum(t.shape == shape for t in things)
+
+
+def count_shape(rng: random.Random, size: int) -> Example:
+    things, shape, n = shape_count(rng)
     return Example(f"How many {plural(shape)} are there?",
                    count_sentence(n, shape, plural(shape)), draw.scene_image(things, size, rng),
                    caption=describe(things))
@@ -149,10 +161,15 @@ def big_shape(rng: random.Random, size: int) -> Example:
                    caption=f"a big {colour} {shape}")
 
 
-def bar_chart(rng: random.Random, size: int) -> Example:
+def random_chart(rng: random.Random) -> tuple[list[float], list[str]]:
+    """Heights and colours of 2-4 bars (distinct levels, distinct colours)."""
     n = rng.randint(2, 4)
-    heights = rng.sample(BAR_LEVELS, n)
-    colours = rng.sample(list(COLOURS), n)
+    return rng.sample(BAR_LEVELS, n), rng.sample(list(COLOURS), n)
+
+
+def bar_chart(rng: random.Random, size: int) -> Example:
+    heights, colours = random_chart(rng)
+    n = len(heights)
     tallest = colours[heights.index(max(heights))]
     shortest = colours[heights.index(min(heights))]
     question, answer = rng.choice((
@@ -169,6 +186,34 @@ def bar_chart(rng: random.Random, size: int) -> Example:
     ))
     return Example(question, answer, draw.chart_image(heights, colours, size, rng),
                    caption=f"a bar chart with {join(colours)} bars")
+
+
+def short_answer(rng: random.Random, size: int) -> Example:
+    """A question answered with one word under LLaVA-1.5's short-answer instruction (the analogue
+    of its VQAv2 and GQA records): a colour, a shape, a count or a bar's colour."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        things, t = with_unique(rng, lambda x: x.shape)
+        question, word = f"What colour is the {t.shape}?", t.colour
+    elif kind == 1:
+        things, t = with_unique(rng, lambda x: x.colour)
+        question, word = f"What shape is the {t.colour} object?", t.shape
+    elif kind == 2:
+        things, shape, n = shape_count(rng)
+        question, word = f"How many {plural(shape)} are there?", number_word(n)
+    else:
+        heights, colours = random_chart(rng)
+        question, pick = rng.choice((
+            ("Which bar is the tallest?", heights.index(max(heights))),
+            ("Which bar is the shortest?", heights.index(min(heights))),
+            ("What colour is the leftmost bar?", 0),
+            ("What colour is the rightmost bar?", len(colours) - 1),
+        ))
+        return Example(f"{question}\n{WORD_INSTRUCTION}", colours[pick],
+                       draw.chart_image(heights, colours, size, rng),
+                       caption=f"a bar chart with {join(colours)} bars")
+    return Example(f"{question}\n{WORD_INSTRUCTION}", word, draw.scene_image(things, size, rng),
+                   caption=describe(things))
 
 
 def text_only(rng: random.Random, size: int) -> Example:
@@ -236,18 +281,19 @@ def yes_no(rng: random.Random, size: int) -> Example:
 
 
 GENERAL_MIX: dict[str, tuple[float, Maker]] = {
-    "describe": (0.16, describe_scene),
-    "colour": (0.08, colour_of),
-    "shape": (0.06, shape_of),
-    "count": (0.07, count_all),
-    "count_shape": (0.06, count_shape),
+    "describe": (0.13, describe_scene),
+    "colour": (0.06, colour_of),
+    "shape": (0.05, shape_of),
+    "count": (0.06, count_all),
+    "count_shape": (0.05, count_shape),
     "count_colour": (0.05, count_colour),
-    "position": (0.08, position),
-    "exists": (0.12, exists),
-    "yes_no": (0.12, yes_no),
-    "big_shape": (0.08, big_shape),
-    "chart": (0.10, bar_chart),
-    "text": (0.14, text_only),
+    "position": (0.06, position),
+    "exists": (0.09, exists),
+    "yes_no": (0.09, yes_no),
+    "big_shape": (0.06, big_shape),
+    "chart": (0.08, bar_chart),
+    "short": (0.10, short_answer),
+    "text": (0.12, text_only),
 }
 
 

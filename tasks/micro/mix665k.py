@@ -28,13 +28,12 @@ class MixSource:
 
 MIX_SOURCES: tuple[MixSource, ...] = (
     MixSource("text", "Q", ("text",), "tqa (ShareGPT, text only)", "caption"),
-    MixSource("caption", "C", ("describe", "big_shape"), "coco (conversations, descriptions)",
-              "caption"),
+    MixSource("caption", "C", ("describe", "big_shape", "colour", "shape", "count", "count_shape",
+                               "count_colour"), "coco (conversations, descriptions)", "caption"),
     MixSource("chart", "O", ("chart",), "ocr (reading what an image shows in writing)",
               "caption"),
     MixSource("yesno", "T", ("exists", "yes_no"), "textvqa (short answers)", "yesno"),
-    MixSource("vqa", "G", ("colour", "shape", "count", "count_shape", "count_colour"),
-              "gqa (compositional questions)", "caption"),
+    MixSource("vqa", "G", ("short",), "gqa (compositional questions, one-word answers)", "word"),
     MixSource("grounding", "V", ("position",), "vg (regions and where they are)", "caption"),
 )
 MIX_DIR = "LLaVA665k-micro"
