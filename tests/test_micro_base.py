@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from cl_bench.models.llava import load_llava
 from tasks.micro.base import (
     PRESET_VARIABLE,
     SMALL,
@@ -58,6 +60,26 @@ def test_the_record_names_config_versions_and_every_model(small_base: Path) -> N
     assert {"torch", "transformers", "tokenizers", "pillow", "python"} <= set(record["versions"])
     assert set(record["weights_sha256"]) == {"clip", "aligned", "llava"}
     assert {"ImageNet-R", "Flickr30k", "micro_mme_acc", "micro_pope_acc"} <= set(record["stage0"])
+    phases = {"tokenizer+clip", "chat", "align", "tune", "stage0"}
+    assert set(record["seconds"]) == phases and all(v > 0 for v in record["seconds"].values())
+
+
+def test_the_llava_reads_the_patches_and_the_class_token(small_base: Path) -> None:
+    """Model and processor agree on 17 image tokens for 16 patches (a processor left at
+    "default" would give 16 and the model would refuse the batch)."""
+    from PIL import Image
+
+    bundle = load_llava(small_base / "llava")
+    tiny = SMALL.tiny
+    patches = (tiny.image_size // tiny.patch_size) ** 2
+    inputs = bundle.processor(images=[Image.new("RGB", (tiny.image_size,) * 2)],
+                              text=["<image>\nWhat is this?"], return_tensors="pt")
+    image_id = bundle.model.config.image_token_id
+    assert int((inputs["input_ids"] == image_id).sum()) == patches + 1
+    with torch.no_grad():
+        features = bundle.model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    flat = features.pooler_output if hasattr(features, "pooler_output") else features
+    assert sum(f.shape[0] for f in flat) == patches + 1
 
 
 def test_fingerprint_follows_the_config() -> None:
