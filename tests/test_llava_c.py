@@ -73,7 +73,8 @@ def llava_c_argv(ucit_root: Path, model: Path, out: Path) -> list[str]:
     return ["run", "--method", "llava_c", "--suite", "ucit", "--data-root", str(ucit_root),
             "--model", str(model), "--quick", "--order", "RC", "--out", str(out),
             "--general", "none", "--set", f"method.inquiry_file={INQUIRY_FILE}",
-            "--set", "method.alpha=0.5", "--set", "eval.max_new_tokens=4", *LEARNING]
+            "--set", "method.alpha=0.5", "--set", "eval.max_new_tokens=4", *LEARNING,
+            "--set", "train.learning_rate=0.01"]  # half of a stage's update must move answers
 
 
 def test_llava_c_stores_deltas_and_trains_with_uir(llava_c_run: Path) -> None:
@@ -91,10 +92,17 @@ def sweep_rows(run: Path, alphas: list[float], consolidation: str) -> list[list[
     return [[row[task] for task in TASKS] for _, row in frame.iterrows()]
 
 
+def answers(run: Path, stage: int) -> list[str]:
+    """Every prediction after ``stage``, task by task."""
+    folder = run / "predictions" / f"stage_{stage}"
+    return [json.loads(line)["prediction"] for task in TASKS
+            for line in (folder / f"{task}.jsonl").read_text().splitlines()]
+
+
 def test_sweep_at_the_run_alpha_reproduces_the_run(llava_c_run: Path) -> None:
     matrix = pd.read_csv(llava_c_run / "matrix.csv", index_col="stage")
     rows = [[matrix.loc[stage, task] for task in TASKS] for stage in (0, 1, 2)]
-    assert min(rows[0]) > 10 and rows[1] != rows[2]  # real scores, and stage 2 moves them
+    assert min(rows[0]) > 10 and answers(llava_c_run, 1) != answers(llava_c_run, 2)  # stage 2 moves
     # alpha 1 first: each alpha starts again from the model before stage 2
     other, same = sweep_rows(llava_c_run, [1.0, 0.5], "sac")
     assert same == pytest.approx(rows[2], abs=0.005) and other != same

@@ -59,7 +59,7 @@ def test_labels_are_the_answers_of_the_whole_conversation_tokenized(legacy: bool
     whole = tok(text).input_ids
     whole = whole if whole[0] == tok.bos_token_id else [tok.bos_token_id, *whole]
     assert ids == whole  # one pass over the whole conversation, image tokens expanded
-    assert ids.count(bundle.image_token_id) == n == 16
+    assert ids.count(bundle.image_token_id) == n == 17  # 16 patches and the class token
     kept = [i for i, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels, strict=True))
     assert tok.decode(kept) == "red</s> A blue circle, 12.</s>"
@@ -113,5 +113,5 @@ def test_truncation_cuts_text_never_image_tokens(tiny_llava: Path) -> None:
     ids, labels = encode_conversation(bundle, TURNS, True, len(full) - 3)
     assert ids == full[: len(full) - 3] and len(labels) == len(ids)
     start = full.index(bundle.image_token_id)
-    with pytest.raises(CLBenchError, match=f"max_length {start + 4} cuts through the 16 image"):
+    with pytest.raises(CLBenchError, match=f"max_length {start + 4} cuts through the 17 image"):
         encode_conversation(bundle, TURNS, True, start + 4)

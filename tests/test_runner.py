@@ -45,12 +45,23 @@ def test_run_folder_contract(finished: Path) -> None:
     assert (finished / "checkpoints" / "stage_2").exists()
 
 
+def stage_answers(run: Path, stage: int) -> dict[str, list[str]]:
+    folder = run / "predictions" / f"stage_{stage}"
+    return {path.stem: [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
+            for path in sorted(folder.glob("*.jsonl"))}
+
+
 def test_the_stages_change_the_answers(finished: Path) -> None:
-    """What the resume tests compare carries signal: scores above zero that the stages move
-    (stage 2 may leave them: the taught model knew its captions already)."""
+    """What the resume tests compare carries signal: scores above zero that stage 1 moves, and
+    answers that each stage changes from the stage before (a resume that skipped a stage's
+    training would repeat them). Stage 2 may bring back stage 0's answers: the taught model knew
+    its captions already."""
     rows = [line.split(",")[2:] for line in (finished / "matrix.csv").read_text().splitlines()[1:]]
     assert all(float(score) > 10 for score in rows[0])
-    assert rows[1] != rows[0] and rows[2] != rows[0]
+    assert rows[1] != rows[0]
+    answers = [stage_answers(finished, stage) for stage in (0, 1, 2)]
+    assert answers[0].keys() == answers[2].keys() == {"ImageNet-R", "VizWiz-caption"}
+    assert answers[1] != answers[0] and answers[2] != answers[1]
 
 
 @pytest.mark.parametrize(("files", "stage"), [(3, 1), (5, 2)])
