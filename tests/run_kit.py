@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from cl_bench.running.run_folder import RunFolder
+from reports.results import predictions_frame
 
 TIMINGS = ("seconds",)  # record keys that measure time, so differ between sessions
 
@@ -72,3 +73,9 @@ def assert_same_run(run: Path, reference: Path, *stored: str) -> None:
         assert_same_files(run / folder, reference / folder)
     assert (run / "matrix.csv").read_text() == (reference / "matrix.csv").read_text()
     assert records_without_timings(run) == records_without_timings(reference)
+
+
+def stage_answers(run: Path, stage: int) -> list[tuple[str, str]]:
+    """Every (task, answer) a run stored after ``stage``, in file order."""
+    frame = predictions_frame([run], stage)
+    return list(zip(frame["task"], frame["prediction"], strict=True))

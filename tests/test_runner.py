@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_kit import LEARNING, assert_same_run, kill_after_predictions
+from run_kit import LEARNING, assert_same_run, kill_after_predictions, stage_answers
 
 from cl_bench.cli import main
 from cl_bench.errors import CLBenchError
@@ -45,12 +45,6 @@ def test_run_folder_contract(finished: Path) -> None:
     assert (finished / "checkpoints" / "stage_2").exists()
 
 
-def stage_answers(run: Path, stage: int) -> dict[str, list[str]]:
-    folder = run / "predictions" / f"stage_{stage}"
-    return {path.stem: [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
-            for path in sorted(folder.glob("*.jsonl"))}
-
-
 def test_the_stages_change_the_answers(finished: Path) -> None:
     """What the resume tests compare carries signal: scores above zero that stage 1 moves, and
     answers that each stage changes from the stage before (a resume that skipped a stage's
@@ -60,7 +54,8 @@ def test_the_stages_change_the_answers(finished: Path) -> None:
     assert all(float(score) > 10 for score in rows[0])
     assert rows[1] != rows[0]
     answers = [stage_answers(finished, stage) for stage in (0, 1, 2)]
-    assert answers[0].keys() == answers[2].keys() == {"ImageNet-R", "VizWiz-caption"}
+    assert {t for t, _ in answers[0]} == {t for t, _ in answers[2]} == {"ImageNet-R",
+                                                                      "VizWiz-caption"}
     assert answers[1] != answers[0] and answers[2] != answers[1]
 
 
