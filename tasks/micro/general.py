@@ -33,6 +33,7 @@ from tasks.micro.world import (
     DEGRADATIONS,
     SHAPES,
     balanced,
+    bar_colour,
     number_word,
     rng_for,
 )
@@ -170,8 +171,7 @@ def random_chart(rng: random.Random) -> tuple[list[float], list[str]]:
 def bar_chart(rng: random.Random, size: int) -> Example:
     heights, colours = random_chart(rng)
     n = len(heights)
-    tallest = colours[heights.index(max(heights))]
-    shortest = colours[heights.index(min(heights))]
+    tallest, shortest = (bar_colour(k, heights, colours) for k in ("tallest", "shortest"))
     question, answer = rng.choice((
         ("Describe the chart.",
          f"The chart shows {number_word(n)} bars: {join(colours)}, from left to right."),
@@ -186,6 +186,14 @@ def bar_chart(rng: random.Random, size: int) -> Example:
     ))
     return Example(question, answer, draw.chart_image(heights, colours, size, rng),
                    caption=f"a bar chart with {join(colours)} bars")
+
+
+SHORT_CHART_QUESTIONS = {
+    "tallest": "Which bar is the tallest?",
+    "shortest": "Which bar is the shortest?",
+    "leftmost": "What colour is the leftmost bar?",
+    "rightmost": "What colour is the rightmost bar?",
+}
 
 
 def short_answer(rng: random.Random, size: int) -> Example:
@@ -203,13 +211,9 @@ def short_answer(rng: random.Random, size: int) -> Example:
         question, word = f"How many {plural(shape)} are there?", number_word(n)
     else:
         heights, colours = random_chart(rng)
-        question, pick = rng.choice((
-            ("Which bar is the tallest?", heights.index(max(heights))),
-            ("Which bar is the shortest?", heights.index(min(heights))),
-            ("What colour is the leftmost bar?", 0),
-            ("What colour is the rightmost bar?", len(colours) - 1),
-        ))
-        return Example(f"{question}\n{WORD_INSTRUCTION}", colours[pick],
+        kind = rng.choice(tuple(SHORT_CHART_QUESTIONS))
+        return Example(f"{SHORT_CHART_QUESTIONS[kind]}\n{WORD_INSTRUCTION}",
+                       bar_colour(kind, heights, colours),
                        draw.chart_image(heights, colours, size, rng),
                        caption=f"a bar chart with {join(colours)} bars")
     return Example(f"{question}\n{WORD_INSTRUCTION}", word, draw.scene_image(things, size, rng),

@@ -35,6 +35,7 @@ from tasks.micro.world import (
     SHAPES,
     STYLES,
     balanced,
+    bar_colour,
     number_word,
     rng_for,
 )
@@ -99,20 +100,11 @@ def chart(rng: random.Random, n_bars: int) -> tuple[list[float], list[str]]:
     return heights, rng.sample(CHART_COLOURS, n_bars)
 
 
-def chart_answer(kind: str, heights: list[float], colours: list[str]) -> str:
-    return {
-        "tallest": colours[heights.index(max(heights))],
-        "shortest": colours[heights.index(min(heights))],
-        "leftmost": colours[0],
-        "rightmost": colours[-1],
-    }[kind]
-
-
 def arxivqa(rng: random.Random, slot: tuple, split: str, size: int) -> Example:
     position, kind = slot
     while True:  # draw charts until the slot's colour is the answer (one in four on average)
         heights, colours = chart(rng, rng.choice((2, 3, 3, 4, 4)))
-        if chart_answer(kind, heights, colours) == CHART_COLOURS[position]:
+        if bar_colour(kind, heights, colours) == CHART_COLOURS[position]:
             break
     question = (f"{CHART_QUESTIONS[kind]}\n{options_block(CHART_COLOURS, split, False)}\n"
                 f"{INSTRUCTIONS['ArxivQA']}")

@@ -78,5 +78,15 @@ def balanced(n: int, values: tuple | list, rng: random.Random) -> list:
     return out
 
 
+def bar_colour(kind: str, heights: list[float], colours: list[str]) -> str:
+    """The colour of a chart's ``tallest``, ``shortest``, ``leftmost`` or ``rightmost`` bar."""
+    return {
+        "tallest": colours[heights.index(max(heights))],
+        "shortest": colours[heights.index(min(heights))],
+        "leftmost": colours[0],
+        "rightmost": colours[-1],
+    }[kind]
+
+
 def number_word(n: int) -> str:
     return NUMBERS[n]
