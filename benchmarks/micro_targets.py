@@ -25,6 +25,7 @@ from pathlib import Path
 from cl_bench.config import resolve
 from cl_bench.registry import get_suite
 from cl_bench.running.runner import run
+from reports.degradation import probes_section
 from tasks.micro.base import PRESET_VARIABLE, base_folder, micro_base_folder, preset
 from tasks.micro.fingerprint import REFERENCE, differences, read_record
 
@@ -174,6 +175,9 @@ def main() -> None:
         print(f"{'PASS' if t.passed else 'FAIL'}  {t.name:{width}}  {t.measured}")
     print(f"load average (1, 5, 15 min): before {load_before}; after {load_after}; "
           f"cpus {os.cpu_count()}")
+    print(f"\nThe finetune run's open probes after every stage (the shrink target reads the "
+          f"last; stage t is the t-th task of {SUITE}):\n")
+    print(probes_section(json.loads((folder / "summary.json").read_text())))
     report = {"targets": [vars(t) for t in targets], "tasks": results,
               "load_average": {"before": load_before, "after": load_after}}
     (args.out / "targets.json").write_text(json.dumps(report, indent=2))
